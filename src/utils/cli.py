@@ -1,0 +1,36 @@
+"""How every command-line entry point reports a user's mistake.
+
+Code anywhere raises :class:`UserError` with a one-line message naming the file or value
+and what is wrong; :func:`run_cli` turns it into ``error: <message>`` on stderr and a
+non-zero exit, with no traceback. Programming errors still show their traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+
+
+class UserError(Exception):
+    """A problem with the user's input or environment, reported as one line (exit code 2)."""
+
+
+EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130
+
+
+def run_cli(main: Callable[[], int | None]) -> None:
+    """Run ``main`` and exit: 0 (or its return value) on success, 2 on :class:`UserError`,
+    130 on Ctrl-C. A broken pipe (e.g. ``| head``) exits quietly."""
+    try:
+        code = main()
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(EXIT_USER_ERROR)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(EXIT_INTERRUPTED)
+    except BrokenPipeError:
+        sys.stderr.close()
+        sys.exit(0)
+    sys.exit(code or 0)
