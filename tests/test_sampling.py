@@ -1,0 +1,195 @@
+"""Sampling: the logit filters, the token loop (KV cache, context policy, seeds) and stops.
+
+The filters are checked on hand-made logits; the loop on a tiny real GPT (random weights)
+and, for context handling, on a counting stand-in model whose behaviour is known exactly.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from src.infer.sampling import (
+    SamplingSettings,
+    StopStringFilter,
+    apply_repetition_penalty,
+    apply_top_k,
+    apply_top_p,
+    sample_next,
+    stream_ids,
+)
+
+# ---------------------------------------------------------------- settings and filters
+
+
+def test_settings_reject_bad_values_with_the_value_named():
+    for kwargs, word in [
+        ({"temperature": -1.0}, "temperature"),
+        ({"temperature": float("nan")}, "temperature"),
+        ({"top_p": 0.0}, "top_p"),
+        ({"top_p": 1.5}, "top_p"),
+        ({"top_k": -3}, "top_k"),
+        ({"max_new_tokens": 0}, "max_new_tokens"),
+        ({"repetition_penalty": 0.0}, "repetition_penalty"),
+    ]:
+        with pytest.raises(ValueError, match=word):
+            SamplingSettings(**kwargs)
+    assert SamplingSettings(temperature=0.0).is_greedy
+    assert SamplingSettings(greedy=True).is_greedy
+    assert not SamplingSettings().is_greedy
+
+
+def test_top_k_keeps_exactly_the_k_largest():
+    logits = torch.tensor([[1.0, 5.0, 3.0, 4.0, 2.0]])
+    out = apply_top_k(logits, 2)
+    assert torch.isfinite(out).tolist() == [[False, True, False, True, False]]
+    assert torch.equal(apply_top_k(logits, None), logits)
+    assert torch.equal(apply_top_k(logits, 0), logits)
+    assert torch.equal(apply_top_k(logits, 99), logits)
+
+
+def test_top_p_keeps_the_smallest_nucleus():
+    probs = torch.tensor([[0.5, 0.05, 0.3, 0.15]])
+    logits = probs.log()
+    # 0.5 + 0.3 = 0.8 reaches 0.75: tokens 0 and 2 stay.
+    assert torch.isfinite(apply_top_p(logits, 0.75)).tolist() == [[True, False, True, False]]
+    # 0.5 + 0.3 < 0.85: the 0.15 token is needed too.
+    assert torch.isfinite(apply_top_p(logits, 0.85)).tolist() == [[True, False, True, True]]
+    # A tiny p still keeps the most likely token.
+    assert torch.isfinite(apply_top_p(logits, 1e-6)).tolist() == [[True, False, False, False]]
+    assert torch.equal(apply_top_p(logits, 1.0), logits)
+
+
+def test_repetition_penalty_always_lowers_seen_tokens():
+    logits = torch.tensor([[2.0, -2.0, 2.0, -2.0]])
+    seen = torch.tensor([[True, True, False, False]])
+    out = apply_repetition_penalty(logits, seen, 2.0)
+    assert out.tolist() == [[1.0, -4.0, 2.0, -2.0]]
+    assert torch.equal(apply_repetition_penalty(logits, seen, 1.0), logits)
+
+
+def test_greedy_is_argmax_and_sampling_follows_the_seed():
+    logits = torch.randn(4, 50, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(sample_next(logits, SamplingSettings(greedy=True)), logits.argmax(-1))
+    assert torch.equal(sample_next(logits, SamplingSettings(temperature=0.0)), logits.argmax(-1))
+    s = SamplingSettings(temperature=1.3, top_k=20, top_p=0.9)
+    a = [sample_next(logits, s, torch.Generator().manual_seed(7)) for _ in range(2)]
+    assert torch.equal(a[0], a[1])
+    draws = {tuple(sample_next(logits, s, torch.Generator().manual_seed(i)).tolist()) for i in range(10)}
+    assert len(draws) > 1  # different seeds, different draws
+
+
+def test_top_k_one_sampling_equals_greedy():
+    logits = torch.randn(3, 30)
+    s = SamplingSettings(top_k=1, temperature=2.0)
+    assert torch.equal(sample_next(logits, s, torch.Generator().manual_seed(1)), logits.argmax(-1))
+
+
+def test_sampling_matches_the_filtered_distribution():
+    # Three tokens with p = 0.6, 0.3, 0.1; top_p=0.85 removes the 0.1 token, leaving 2:1.
+    logits = torch.tensor([[0.6, 0.3, 0.1]]).log().expand(4000, 3)
+    ids = sample_next(logits, SamplingSettings(top_p=0.85), torch.Generator().manual_seed(0))
+    counts = torch.bincount(ids, minlength=3).tolist()
+    assert counts[2] == 0
+    assert abs(counts[0] / 4000 - 2 / 3) < 0.03
+
+
+# ---------------------------------------------------------------- stop strings
+
+
+def _run_filter(stops, pieces):
+    f = StopStringFilter(stops)
+    shown = [f.feed(p) for p in pieces]
+    return shown, f.flush(), f.stopped
+
+
+def test_stop_string_is_never_shown_even_across_pieces():
+    shown, rest, stopped = _run_filter(["\n\n"], ["Hello", "\n", "\n", "more"])
+    assert "".join(shown) + rest == "Hello" and stopped
+    shown, rest, stopped = _run_filter(["END"], ["abc E", "N", "D tail"])
+    assert "".join(shown) == "abc " and rest == "" and stopped
+    assert shown[1] == ""  # "EN" was held back: it could start "END"
+
+
+def test_held_back_text_is_released_when_it_is_not_a_stop():
+    shown, rest, stopped = _run_filter(["END"], ["abc E", "x"])
+    assert shown == ["abc ", "Ex"] and rest == "" and not stopped
+    shown, rest, stopped = _run_filter(["END"], ["abc EN"])
+    assert shown == ["abc "] and rest == "EN" and not stopped
+    shown, rest, stopped = _run_filter([], ["a", "b"])
+    assert shown == ["a", "b"] and not stopped
+
+
+def test_earliest_of_several_stop_strings_wins():
+    shown, _, stopped = _run_filter(["world", "lo"], ["hello world"])
+    assert shown == ["hel"] and stopped
+
+
+# ---------------------------------------------------------------- the loop, on a stand-in
+
+
+class CountingModel(torch.nn.Module):
+    """Predicts (last token + 1) mod vocab, for certain; records every forward's length.
+    Its cache only counts positions, enough to check the loop's cache and context logic."""
+
+    def __init__(self, vocab=50, context_length=8):
+        super().__init__()
+        self.config = SimpleNamespace(vocab_size=vocab, context_length=context_length)
+        self.w = torch.nn.Parameter(torch.zeros(1))
+        self.calls: list[int] = []
+
+    def new_kv_cache(self, batch_size, max_length, device=None, dtype=None):
+        return SimpleNamespace(position=0, max_length=max_length, reset=None)
+
+    def forward(self, idx, cache=None):
+        self.calls.append(idx.size(1))
+        if cache is not None:
+            if cache.reset is None:
+                cache.reset = lambda: setattr(cache, "position", 0)
+            cache.position += idx.size(1)
+            assert cache.position <= cache.max_length, "the loop overflowed the cache"
+        assert idx.size(1) <= self.config.context_length, "the loop exceeded the context"
+        nxt = (idx + 1) % self.config.vocab_size
+        return torch.nn.functional.one_hot(nxt, self.config.vocab_size).float() * 100
+
+
+def test_cached_loop_prefills_once_then_feeds_one_token():
+    m = CountingModel(context_length=64)
+    out = [t.tolist() for t in stream_ids(m, [1, 2, 3], SamplingSettings(max_new_tokens=5, greedy=True), num_samples=2)]
+    assert out == [[4, 4], [5, 5], [6, 6], [7, 7], [8, 8]]
+    assert m.calls == [3, 1, 1, 1, 1]  # no forward for a token never drawn
+
+
+def test_uncached_loop_recomputes_the_sequence():
+    m = CountingModel(context_length=64)
+    list(stream_ids(m, [1, 2, 3], SamplingSettings(max_new_tokens=4, greedy=True), use_cache=False))
+    assert m.calls == [3, 4, 5, 6]
+
+
+def test_context_full_stops_under_stop_policy():
+    m, notes = CountingModel(context_length=8), []
+    out = list(stream_ids(m, [0] * 6, SamplingSettings(max_new_tokens=100, greedy=True), notice=notes.append))
+    # 6 prompt tokens + 2 drawn fill the 8-token window; the draw after that still fits
+    # (it is predicted from the full window) but no further token could be.
+    assert len(out) == 3 and notes and "full" in notes[0]
+    with pytest.raises(ValueError, match="context"):
+        list(stream_ids(m, [0] * 9, SamplingSettings(greedy=True)))
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_context_full_slides_under_slide_policy(use_cache):
+    m, notes = CountingModel(context_length=8), []
+    s = SamplingSettings(max_new_tokens=30, greedy=True)
+    out = [t.item() for t in stream_ids(m, [1] * 12, s, use_cache=use_cache, on_context_full="slide", notice=notes.append)]
+    assert out == [(2 + i) % 50 for i in range(30)]  # the text goes on regardless
+    assert len(notes) == 2  # the prompt was cut, and the window slid (said once)
+    assert max(m.calls) == 8
+
+
+def test_model_mode_is_restored():
+    m = CountingModel()
+    m.train()
+    list(stream_ids(m, [1], SamplingSettings(max_new_tokens=2)))
+    assert m.training
