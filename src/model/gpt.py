@@ -1,0 +1,389 @@
+"""A GPT language model in one file: a decoder-only Transformer in the Llama style.
+
+Read top to bottom:
+  1. GPTConfig  - every hyperparameter, validated, plus the named presets.
+  2. RoPE       - rotary position embeddings (precomputed cos/sin tables).
+  3. KVCache    - preallocated keys/values so generation does O(1) work per new token.
+  4. Attention, MLP, Block - the Transformer layer: pre-norm RMSNorm, causal grouped-query
+                  attention through scaled_dot_product_attention, SwiGLU feed-forward.
+  5. GPT        - embeddings, the stack of blocks, the output head, the one init function,
+                  the loss, parameter and FLOP counts.
+
+The default architecture maps one-to-one onto Hugging Face's LlamaForCausalLM (see
+src/model/hf_llama.py): RMSNorm before each sub-layer, RoPE in the "rotate_half" layout, no
+biases, SiLU-gated MLP. The only differences are in how weights are stored: we keep q/k/v in
+one matrix and gate/up in one matrix so each is a single matmul.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# ----------------------------------------------------------------------------------------------
+# 1. Configuration
+
+
+@dataclass
+class GPTConfig:
+    """Every hyperparameter of the model. Validated on construction (ValueError naming the field).
+
+    ``n_kv_head`` < ``n_head`` gives grouped-query attention (each key/value head is shared by
+    ``n_head // n_kv_head`` query heads); ``None`` means ``n_head`` (ordinary multi-head).
+    ``d_ff`` is the hidden width of the SwiGLU MLP; ``None`` means the Llama rule: 8/3 of
+    ``d_model`` rounded up to a multiple of 64 (SwiGLU has three matrices instead of two, so
+    8/3 keeps the parameter count of a classic 4x MLP).
+    """
+
+    vocab_size: int = 16384  # our tokenizer's total, including the reserved special tokens
+    context_length: int = 1024  # longest sequence the model sees (RoPE tables are this long)
+    n_layer: int = 12
+    n_head: int = 12
+    n_kv_head: int | None = None
+    d_model: int = 768
+    d_ff: int | None = None
+    dropout: float = 0.0  # on embeddings, attention probabilities and residual branches
+    norm_eps: float = 1e-5
+    rope_base: float = 10000.0
+    tie_embeddings: bool = True  # the output head reuses the token embedding matrix
+
+    def __post_init__(self) -> None:
+        if self.n_kv_head is None:
+            self.n_kv_head = self.n_head
+        if self.d_ff is None:
+            self.d_ff = 64 * math.ceil(8 * self.d_model / 3 / 64)
+        for name in ("vocab_size", "context_length", "n_layer", "n_head", "n_kv_head",
+                     "d_model", "d_ff"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"GPTConfig.{name} must be a positive integer, got {value!r}")
+        if self.d_model % self.n_head != 0:
+            raise ValueError(f"GPTConfig.d_model={self.d_model} must be divisible by "
+                             f"n_head={self.n_head}")
+        if (self.d_model // self.n_head) % 2 != 0:
+            raise ValueError(f"GPTConfig: head dim d_model/n_head={self.d_model // self.n_head} "
+                             f"must be even for rotary embeddings")
+        if self.n_head % self.n_kv_head != 0:
+            raise ValueError(f"GPTConfig.n_head={self.n_head} must be divisible by "
+                             f"n_kv_head={self.n_kv_head}")
+        if not (isinstance(self.dropout, (int, float)) and 0.0 <= self.dropout < 1.0):
+            raise ValueError(f"GPTConfig.dropout must be in [0, 1), got {self.dropout!r}")
+        for name in ("norm_eps", "rope_base"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+                raise ValueError(f"GPTConfig.{name} must be a positive number, got {value!r}")
+        if not isinstance(self.tie_embeddings, bool):
+            raise ValueError(f"GPTConfig.tie_embeddings must be a bool, got "
+                             f"{self.tie_embeddings!r}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_head
+
+    def to_dict(self) -> dict:
+        """A JSON-ready dict (the resolved values, so it round-trips exactly)."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> GPTConfig:
+        """Inverse of :meth:`to_dict`; unknown keys are an error (a typo must not be ignored)."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"GPTConfig: unknown field(s) {unknown}; known: {sorted(known)}")
+        return cls(**d)
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> GPTConfig:
+        """A named preset (see PRESETS), with any field overridden, e.g. vocab_size=512."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown model preset {name!r}; choose one of {sorted(PRESETS)}")
+        return cls.from_dict({**PRESETS[name], **overrides})
+
+
+# The one place where model sizes live. Parameter counts are for vocab_size=16384 (tested).
+PRESETS: dict[str, dict] = {
+    # For tests: ~0.84M parameters (most of it the embedding). Uses GQA so tests cover it.
+    "tiny": dict(context_length=64, n_layer=2, n_head=4, n_kv_head=2, d_model=48, d_ff=128),
+    # The CPU quickstart: ~9.0M parameters, trainable in minutes on 2 cores.
+    "small": dict(context_length=256, n_layer=6, n_head=4, d_model=256),
+    # The original project's scale (8 layers x 768) with a 4x longer context: ~62.9M.
+    "gpt-60m": dict(context_length=1024, n_layer=8, n_head=12, n_kv_head=4, d_model=768),
+    # GPT-2 small's shape (12 x 768, 12 heads), for GPUs: ~97.5M with our 16k vocabulary.
+    "gpt-125m": dict(context_length=1024, n_layer=12, n_head=12, d_model=768),
+}
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. Rotary position embeddings (RoPE)
+#
+# Each query/key head vector is split into pairs of channels and each pair is rotated by an
+# angle proportional to the token's position, with a different frequency per pair. The dot
+# product of a rotated query and key then depends only on their distance. We use the
+# "rotate_half" layout (pairs are channel i and channel i + head_dim/2), as in Llama.
+
+
+def rope_tables(head_dim: int, length: int, base: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of every (position, channel) angle, each of shape (length, head_dim)."""
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    angles = torch.outer(torch.arange(length, dtype=torch.float32), inv_freq)
+    angles = torch.cat([angles, angles], dim=-1)  # channel i and i + head_dim/2 share a frequency
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x (B, heads, T, head_dim) by the angles in cos/sin (T, head_dim)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated_half = torch.cat([-x2, x1], dim=-1)
+    return x * cos + rotated_half * sin
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. The key/value cache
+
+
+class KVCache:
+    """Keys and values of every layer for the tokens seen so far, for fast generation.
+
+    Memory is allocated once: (n_layer, batch, n_kv_head, max_length, head_dim) for keys and
+    the same for values. Each forward pass with ``cache=`` writes its keys/values at
+    ``position`` and advances it, so a prompt can be fed at once (prefill) and then one
+    token at a time. All sequences of the batch share one position (prompts of equal length).
+    Make one with ``GPT.new_kv_cache``.
+    """
+
+    def __init__(self, n_layer: int, batch_size: int, n_kv_head: int, max_length: int,
+                 head_dim: int, device: torch.device | str | None, dtype: torch.dtype) -> None:
+        shape = (n_layer, batch_size, n_kv_head, max_length, head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.batch_size = batch_size
+        self.max_length = max_length
+        self.position = 0  # number of tokens already stored
+
+    def reset(self) -> None:
+        """Forget all tokens (the memory is kept and overwritten)."""
+        self.position = 0
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Store k, v (B, n_kv_head, T, head_dim) at the current position; return all keys and
+        values up to and including them. ``position`` itself is advanced by the model."""
+        end = self.position + k.size(2)
+        self.k[layer, :, :, self.position:end] = k
+        self.v[layer, :, :, self.position:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+
+# ----------------------------------------------------------------------------------------------
+# 4. The Transformer layer
+
+
+class Attention(nn.Module):
+    """Causal self-attention with rotary embeddings and grouped-query attention."""
+
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
+        # One matmul computes queries (n_head heads) and keys, values (n_kv_head heads each).
+        self.qkv = nn.Linear(config.d_model, (config.n_head + 2 * config.n_kv_head) * self.head_dim,
+                             bias=False)
+        self.o_proj = nn.Linear(config.n_head * self.head_dim, config.d_model, bias=False)
+        self.dropout = config.dropout
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layer: int,
+                cache: KVCache | None) -> torch.Tensor:
+        B, T, _ = x.shape
+        q, k, v = self.qkv(x).split(
+            [self.n_head * self.head_dim, self.n_kv_head * self.head_dim,
+             self.n_kv_head * self.head_dim], dim=-1)
+        # (B, T, heads * head_dim) -> (B, heads, T, head_dim): attention runs per head.
+        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+        k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        cos, sin = cos.to(q.dtype), sin.to(q.dtype)  # keep bf16 under autocast
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+
+        mask, is_causal = None, True
+        if cache is not None:
+            start = cache.position
+            k, v = cache.update(layer, k, v)
+            k, v = k.to(q.dtype), v.to(q.dtype)  # the cache may be stored in another dtype
+            if start > 0:
+                # New queries sit at positions start..start+T-1 and may see every key up to
+                # their own position. (is_causal would align them to key 0, which is wrong.)
+                if T == 1:
+                    is_causal = False  # a single newest token sees everything: no mask
+                else:
+                    q_pos = torch.arange(start, start + T, device=x.device)
+                    k_pos = torch.arange(start + T, device=x.device)
+                    mask, is_causal = k_pos[None, :] <= q_pos[:, None], False
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=is_causal,
+            dropout_p=self.dropout if self.training else 0.0,
+            enable_gqa=self.n_kv_head != self.n_head)
+        y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)
+        return self.o_proj(y)
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward: down(silu(gate(x)) * up(x)), gate and up computed in one matmul."""
+
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.gate_up = nn.Linear(config.d_model, 2 * config.d_ff, bias=False)
+        self.down_proj = nn.Linear(config.d_ff, config.d_model, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class Block(nn.Module):
+    """One Transformer layer, pre-norm: x + attn(norm(x)), then x + mlp(norm(x)).
+
+    Normalising the input of each branch (not the residual stream itself) keeps a clean
+    identity path from the embeddings to the output, which makes deep stacks train stably.
+    """
+
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.attn_norm = nn.RMSNorm(config.d_model, eps=config.norm_eps)
+        self.attn = Attention(config)
+        self.mlp_norm = nn.RMSNorm(config.d_model, eps=config.norm_eps)
+        self.mlp = MLP(config)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layer: int,
+                cache: KVCache | None) -> torch.Tensor:
+        x = x + self.dropout(self.attn(self.attn_norm(x), cos, sin, layer, cache))
+        x = x + self.dropout(self.mlp(self.mlp_norm(x)))
+        return x
+
+
+# ----------------------------------------------------------------------------------------------
+# 5. The model
+
+
+class GPT(nn.Module):
+    """Token ids in, next-token logits out. See the module docstring for the architecture."""
+
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.tok_emb = nn.Embedding(config.vocab_size, config.d_model)
+        self.dropout = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.norm = nn.RMSNorm(config.d_model, eps=config.norm_eps)
+        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            # Reading a token and predicting it use the same vector: saves vocab x d_model
+            # parameters and tends to help small models.
+            self.lm_head.weight = self.tok_emb.weight
+        # Not parameters and not saved: recomputed from the config (persistent=False).
+        cos, sin = rope_tables(config.head_dim, config.context_length, config.rope_base)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """The one initialisation scheme of the model.
+
+        * every Linear and the embedding: normal(0, 0.02), as GPT-2;
+        * the two projections that write into the residual stream (attention o_proj, MLP
+          down_proj): normal(0, 0.02 / sqrt(2 * n_layer)), because 2 * n_layer branches are
+          summed into the stream and their variance must not grow with depth (GPT-2 paper);
+        * RMSNorm gains: 1.
+        With this, logits of a fresh model are small, and its loss is close to ln(vocab_size).
+        """
+        std = 0.02
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+            elif isinstance(module, nn.RMSNorm):
+                nn.init.ones_(module.weight)
+        for block in self.blocks:
+            for proj in (block.attn.o_proj, block.mlp.down_proj):
+                nn.init.normal_(proj.weight, mean=0.0, std=std / math.sqrt(2 * self.config.n_layer))
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
+                cache: KVCache | None = None):
+        """idx (B, T) token ids -> logits (B, T, vocab_size); with targets (B, T) also the mean
+        cross-entropy over positions whose target is not -1: returns (logits, loss).
+
+        With ``cache`` the tokens continue the sequences stored in it (RoPE positions start at
+        ``cache.position``) and the cache advances by T.
+        """
+        B, T = idx.shape
+        start = 0
+        if cache is not None:
+            start = cache.position
+            if cache.batch_size != B:
+                raise ValueError(f"batch of {B} sequences but the KV cache holds "
+                                 f"{cache.batch_size}")
+            if start + T > cache.max_length:
+                raise ValueError(f"KV cache full: {start} + {T} tokens > max_length "
+                                 f"{cache.max_length} (reset it or make a longer one)")
+        elif self.config.context_length < T:
+            raise ValueError(f"sequence of {T} tokens is longer than the context_length "
+                             f"{self.config.context_length}")
+        cos, sin = self.rope_cos[start:start + T], self.rope_sin[start:start + T]
+
+        x = self.dropout(self.tok_emb(idx))
+        for i, block in enumerate(self.blocks):
+            x = block(x, cos, sin, i, cache)
+        logits = self.lm_head(self.norm(x))
+        if cache is not None:
+            cache.position += T
+
+        if targets is None:
+            return logits
+        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1),
+                               ignore_index=-1)
+        return logits, loss
+
+    def new_kv_cache(self, batch_size: int, max_length: int, device: torch.device | str | None
+                     = None, dtype: torch.dtype | None = None) -> KVCache:
+        """A cache for ``batch_size`` sequences of up to ``max_length`` tokens (at most the
+        context length). device and dtype default to those of the model's weights."""
+        if not 1 <= max_length <= self.config.context_length:
+            raise ValueError(f"KV cache max_length={max_length} must be between 1 and the "
+                             f"context_length {self.config.context_length}")
+        if batch_size < 1:
+            raise ValueError(f"KV cache batch_size must be positive, got {batch_size}")
+        weight = self.tok_emb.weight
+        c = self.config
+        return KVCache(c.n_layer, batch_size, c.n_kv_head, max_length, c.head_dim,
+                       device if device is not None else weight.device,
+                       dtype if dtype is not None else weight.dtype)
+
+    def num_params(self, non_embedding: bool = False) -> int:
+        """Number of parameters (a tied matrix counted once). ``non_embedding=True`` leaves out
+        the token embedding and, if untied, the output head: the matrices whose size scales
+        with the vocabulary (the "N" of scaling-law papers)."""
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n -= self.tok_emb.weight.numel()
+            if not self.config.tie_embeddings:
+                n -= self.lm_head.weight.numel()
+        return n
+
+    def flops_per_token(self) -> float:
+        """Training FLOPs (forward + backward) per token at full context, PaLM appendix B:
+
+            6 * N_matmul + 12 * n_layer * d_model * context_length
+
+        N_matmul counts the weights used in matrix multiplies: every Linear of the blocks
+        plus the output head (counted even when tied; the embedding lookup and the norms do
+        no matmul). Each such weight costs 2 FLOPs forward and 4 backward per token. The
+        second term is attention's QK^T and AV products (2 * 2 * n_layer * d_model * T
+        forward, times 3 for backward), without discounting the causal mask.
+        MFU = flops_per_token * tokens_per_second / peak_flops_of_the_device.
+        """
+        c = self.config
+        n_matmul = sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear))
+        return 6.0 * n_matmul + 12.0 * c.n_layer * c.d_model * c.context_length
