@@ -1,0 +1,177 @@
+"""Sliding-window negative log-likelihood: the one scoring routine for evaluation and training.
+
+A language model with a context of C tokens cannot see a whole split at once. Cutting the
+split into disjoint C-token chunks would score the first token of every chunk with no
+context at all, which inflates perplexity. Instead we slide a C-token window over the
+stream by ``stride`` tokens and score only the targets the previous window did not score::
+
+    tokens   t0 t1 t2 t3 t4 t5 t6 t7 t8 t9        C = 4, stride = 2
+    window 1 [t0 t1 t2 t3]          -> scores t1 t2 t3 t4  (the first window scores all)
+    window 2       [t2 t3 t4 t5]    -> scores t5 t6        (each later window: its last
+    window 3             [t4 t5 t6 t7] -> scores t7 t8      ``stride`` targets)
+    window 4                [t5 t6 t7 t8] -> scores t9     (the last window is aligned to
+                                                            the end so it has full context)
+
+So every token after the first is scored exactly once, each with at least
+``context_length - stride + 1`` tokens of real context (except those of the first window,
+which have all the context there is). ``stride == context_length`` gives disjoint chunks
+(fast, pessimistic); ``stride == 1`` gives every token the full context (slow, best).
+All windows but a lone first one have exactly ``context_length`` tokens, so they batch
+without padding.
+
+The model is any ``torch.nn.Module`` whose ``model(idx)`` maps a LongTensor (B, T) to
+logits (B, T, vocab) causally (position t sees positions <= t); src/model/gpt.GPT is one.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+LN2 = math.log(2.0)
+
+
+def sliding_windows(num_tokens: int, context_length: int, stride: int) -> Iterator[tuple[int, int, int]]:
+    """The windows that score a stream of ``num_tokens`` tokens, as ``(start, end, first)``.
+
+    The window's input is ``tokens[start:end]`` (at most ``context_length`` ids) and its
+    targets are ``tokens[start + 1:end + 1]``; the targets at stream positions
+    ``first .. end`` (inclusive) are the ones it scores. Over all windows these ranges
+    tile ``1 .. num_tokens - 1`` exactly once, in order.
+    """
+    if context_length < 1:
+        raise ValueError(f"context_length must be >= 1, got {context_length}")
+    if not 1 <= stride <= context_length:
+        raise ValueError(f"stride must be between 1 and context_length={context_length}, got {stride}")
+    next_target = 1  # stream position of the first target not scored yet
+    while next_target < num_tokens:
+        # The first window scores a whole context's worth of targets, later ones `stride`.
+        step = context_length if next_target == 1 else stride
+        target_end = min(next_target + step, num_tokens)  # exclusive
+        start = max(0, target_end - 1 - context_length)
+        yield start, target_end - 1, next_target
+        next_target = target_end
+
+
+def sliding_window_nll(
+    model: torch.nn.Module,
+    tokens: np.ndarray,
+    context_length: int,
+    stride: int,
+    batch_size: int = 8,
+    device: str | torch.device = "cpu",
+    autocast_dtype: torch.dtype | None = None,
+    loss_mask: np.ndarray | None = None,
+    *,
+    show_progress: bool | str = False,
+) -> tuple[float, int]:
+    """Total negative log-likelihood (nats) of ``tokens`` under ``model``, and how many tokens it covers.
+
+    Args:
+        model: ``model(idx)`` -> logits (B, T, vocab), causal. It is put in eval mode for the
+            call and its previous mode is restored afterwards (training calls this mid-run).
+        tokens: 1-D array of token ids (any integer dtype; a np.memmap is read lazily).
+        context_length: the longest window fed to the model (usually the model's context).
+        stride: how far the window moves; 1 <= stride <= context_length.
+        batch_size: windows per forward pass.
+        device: where the model lives; windows are moved there.
+        autocast_dtype: e.g. ``torch.bfloat16`` to run the forward pass under autocast;
+            the log-softmax is always computed in float32 and summed in float64.
+        loss_mask: optional boolean array aligned with ``tokens``: ``loss_mask[p]`` says
+            whether token ``p`` counts as a target (``loss_mask[0]`` is never used, since
+            the first token is never predicted). Masked-out tokens still serve as context.
+        show_progress: a tqdm bar over windows (a string is used as its description).
+
+    Returns:
+        ``(total_nll, num_scored)``: the sum over scored tokens of -ln p(token | context),
+        and the number of scored tokens (``len(tokens) - 1`` without a mask). Mean loss
+        is ``total_nll / num_scored``; perplexity is ``exp`` of that.
+    """
+    tokens = np.asarray(tokens) if not isinstance(tokens, np.memmap) else tokens
+    if tokens.ndim != 1:
+        raise ValueError(f"tokens must be 1-D, got shape {tokens.shape}")
+    n = len(tokens)
+    if loss_mask is not None:
+        loss_mask = np.asarray(loss_mask, dtype=bool)
+        if loss_mask.shape != (n,):
+            raise ValueError(f"loss_mask must have shape ({n},) like tokens, got {loss_mask.shape}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    windows = list(sliding_windows(n, context_length, stride))
+
+    device = torch.device(device)
+    autocast = (
+        torch.autocast(device_type=device.type, dtype=autocast_dtype)
+        if autocast_dtype is not None
+        else nullcontext()
+    )
+    batches = range(0, len(windows), batch_size)
+    if show_progress:
+        from tqdm.auto import tqdm
+
+        desc = show_progress if isinstance(show_progress, str) else "evaluating"
+        batches = tqdm(batches, desc=desc, unit="batch", dynamic_ncols=True)
+
+    total_nll = 0.0
+    num_scored = 0
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            for b in batches:
+                nll, count = _score_batch(model, tokens, windows[b : b + batch_size], loss_mask, device, autocast)
+                total_nll += nll
+                num_scored += count
+    finally:
+        model.train(was_training)
+    return total_nll, num_scored
+
+
+def _score_batch(model, tokens, windows, loss_mask, device, autocast) -> tuple[float, int]:
+    """Sum of NLL and count over the scored targets of a few windows (one forward pass)."""
+    length = max(end - start for start, end, _ in windows)
+    inputs = np.zeros((len(windows), length), dtype=np.int64)
+    # -1 marks a target that is not scored (context only, padding, or masked out).
+    targets = np.full((len(windows), length), -1, dtype=np.int64)
+    for row, (start, end, first) in enumerate(windows):
+        inputs[row, : end - start] = tokens[start:end]
+        # Window position i predicts stream position start + i + 1; score those >= first.
+        offset = first - start - 1
+        scored = np.asarray(tokens[first : end + 1], dtype=np.int64)
+        if loss_mask is not None:
+            scored = np.where(loss_mask[first : end + 1], scored, -1)
+        targets[row, offset : end - start] = scored
+    # Right padding is harmless: a causal model's earlier positions never see it.
+    # Only positions from the earliest scored one onward need a log-softmax.
+    skip = int(min(first - start - 1 for start, _, first in windows))
+    targets_t = torch.from_numpy(targets[:, skip:]).to(device)
+    count = int((targets_t >= 0).sum())
+    if count == 0:
+        return 0.0, 0
+    with autocast:
+        logits = model(torch.from_numpy(inputs).to(device))
+    logits = logits[:, skip:].float()
+    nll = F.cross_entropy(
+        logits.reshape(-1, logits.size(-1)), targets_t.reshape(-1), ignore_index=-1, reduction="none"
+    )
+    # Sum in float64: a split has ~10^5-10^6 terms and float32 would drift in the 7th digit.
+    return float(nll.double().sum()), count
+
+
+def perplexity(total_nll: float, count: int) -> float:
+    """exp(total_nll / count): per-token perplexity for a token count, word-level for a word count."""
+    if count <= 0:
+        raise ValueError(f"cannot compute a perplexity over {count} units")
+    return math.exp(total_nll / count)
+
+
+def bits_per_byte(total_nll: float, num_bytes: int) -> float:
+    """Total NLL (nats) converted to bits, per UTF-8 byte of the text: tokenizer-independent."""
+    if num_bytes <= 0:
+        raise ValueError(f"cannot compute bits per byte over {num_bytes} bytes")
+    return total_nll / LN2 / num_bytes
