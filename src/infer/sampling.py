@@ -157,11 +157,13 @@ def stream_ids(
     use_cache: bool = True,
     on_context_full: ContextPolicy = "stop",
     notice: Callable[[str], None] | None = None,
+    banned_ids: Sequence[int] = (),
 ) -> Iterator[torch.Tensor]:
     """Yield the sampled next tokens, one (num_samples,) long tensor per step on the CPU, at
     most ``settings.max_new_tokens`` steps. Fewer steps are yielded only when the context
     is full under ``on_context_full="stop"``. Stop tokens are the caller's business: it
-    simply stops iterating. The model is in eval mode while this runs, then restored.
+    simply stops iterating. ``banned_ids`` are never drawn. The model is in eval mode while
+    this runs, then restored.
     """
     if num_samples < 1:
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
@@ -178,9 +180,13 @@ def stream_ids(
 
     device = next(model.parameters()).device
     seq = torch.tensor([list(prompt_ids)] * num_samples, dtype=torch.long, device=device)
+    vocab = model.config.vocab_size
+    ban = None
+    if banned_ids:
+        ban = torch.zeros(vocab, dtype=torch.bool, device=device)
+        ban[torch.tensor(list(banned_ids), dtype=torch.long, device=device)] = True
     seen = None
     if settings.repetition_penalty != 1.0:
-        vocab = model.config.vocab_size
         seen = torch.zeros(num_samples, vocab, dtype=torch.bool, device=device)
         seen[:, seq[0]] = True
 
@@ -192,7 +198,10 @@ def stream_ids(
             logits = model(seq, cache=cache) if use_cache else model(seq)
             slid = False
             for step in range(settings.max_new_tokens):
-                nxt = sample_next(logits[:, -1], settings, generator, seen)
+                last = logits[:, -1]
+                if ban is not None:
+                    last = last.masked_fill(ban, float("-inf"))
+                nxt = sample_next(last, settings, generator, seen)
                 if seen is not None:
                     seen[torch.arange(num_samples, device=device), nxt] = True
                 yield nxt.cpu()
@@ -222,6 +231,19 @@ def stream_ids(
 
 # ----------------------------------------------------------------------------------------
 # 3. Stops and streaming text.
+
+
+def undecodable_ids(tokenizer, vocab_size: int) -> list[int]:
+    """Ids below ``vocab_size`` that are no token of ``tokenizer`` (reserved special ids with
+    nothing assigned, or a model vocabulary larger than the tokenizer's): a model with
+    untrained or random weights could draw them, and they have no text."""
+    bad = []
+    for i in range(vocab_size):
+        try:
+            tokenizer.token_bytes(i)
+        except ValueError:
+            bad.append(i)
+    return bad
 
 
 class StopStringFilter:
@@ -333,6 +355,7 @@ def generate(
         use_cache=use_cache,
         on_context_full=on_context_full,
         notice=notice,
+        banned_ids=undecodable_ids(tokenizer, model.config.vocab_size),
     )
     n_steps = 0
     with contextlib.closing(steps):
