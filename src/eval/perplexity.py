@@ -85,24 +85,50 @@ def sliding_window_nll(
         loss_mask: optional boolean array aligned with ``tokens``: ``loss_mask[p]`` says
             whether token ``p`` counts as a target (``loss_mask[0]`` is never used, since
             the first token is never predicted). Masked-out tokens still serve as context.
-        show_progress: a tqdm bar over windows (a string is used as its description).
+        show_progress: a tqdm bar over batches (a string is used as its description).
 
     Returns:
         ``(total_nll, num_scored)``: the sum over scored tokens of -ln p(token | context),
         and the number of scored tokens (``len(tokens) - 1`` without a mask). Mean loss
         is ``total_nll / num_scored``; perplexity is ``exp`` of that.
     """
-    tokens = np.asarray(tokens) if not isinstance(tokens, np.memmap) else tokens
-    if tokens.ndim != 1:
-        raise ValueError(f"tokens must be 1-D, got shape {tokens.shape}")
-    n = len(tokens)
     if loss_mask is not None:
         loss_mask = np.asarray(loss_mask, dtype=bool)
-        if loss_mask.shape != (n,):
-            raise ValueError(f"loss_mask must have shape ({n},) like tokens, got {loss_mask.shape}")
+        if loss_mask.shape != (len(tokens),):
+            raise ValueError(f"loss_mask must have shape ({len(tokens)},) like tokens, got {loss_mask.shape}")
+    nll = sliding_window_token_nll(
+        model, tokens, context_length, stride, batch_size, device, autocast_dtype, show_progress=show_progress
+    )
+    if loss_mask is not None:
+        nll = nll[loss_mask[1:]]
+    return float(nll.sum()), int(nll.size)
+
+
+def sliding_window_token_nll(
+    model: torch.nn.Module,
+    tokens: np.ndarray,
+    context_length: int,
+    stride: int,
+    batch_size: int = 8,
+    device: str | torch.device = "cpu",
+    autocast_dtype: torch.dtype | None = None,
+    *,
+    show_progress: bool | str = False,
+) -> np.ndarray:
+    """Per-token NLL (nats, float64) of ``tokens[1:]``: element ``p - 1`` is -ln p(tokens[p] | context).
+
+    The same scoring as :func:`sliding_window_nll` (see it for the arguments), kept per
+    token so one pass can be summed under several masks (e.g. all chat turns, and the
+    assistant's turns only).
+    """
+    if not isinstance(tokens, np.memmap):
+        tokens = np.asarray(tokens)
+    if tokens.ndim != 1:
+        raise ValueError(f"tokens must be 1-D, got shape {tokens.shape}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    windows = list(sliding_windows(n, context_length, stride))
+    windows = list(sliding_windows(len(tokens), context_length, stride))
+    out = np.zeros(max(len(tokens) - 1, 0), dtype=np.float64)
 
     device = torch.device(device)
     autocast = (
@@ -117,50 +143,41 @@ def sliding_window_nll(
         desc = show_progress if isinstance(show_progress, str) else "evaluating"
         batches = tqdm(batches, desc=desc, unit="batch", dynamic_ncols=True)
 
-    total_nll = 0.0
-    num_scored = 0
     was_training = model.training
     model.eval()
     try:
         with torch.inference_mode():
             for b in batches:
-                nll, count = _score_batch(model, tokens, windows[b : b + batch_size], loss_mask, device, autocast)
-                total_nll += nll
-                num_scored += count
+                _score_batch(model, tokens, windows[b : b + batch_size], device, autocast, out)
     finally:
         model.train(was_training)
-    return total_nll, num_scored
+    return out
 
 
-def _score_batch(model, tokens, windows, loss_mask, device, autocast) -> tuple[float, int]:
-    """Sum of NLL and count over the scored targets of a few windows (one forward pass)."""
+def _score_batch(model, tokens, windows, device, autocast, out: np.ndarray) -> None:
+    """One forward pass over a few windows; writes their scored targets' NLL into ``out``."""
     length = max(end - start for start, end, _ in windows)
     inputs = np.zeros((len(windows), length), dtype=np.int64)
-    # -1 marks a target that is not scored (context only, padding, or masked out).
-    targets = np.full((len(windows), length), -1, dtype=np.int64)
-    for row, (start, end, first) in enumerate(windows):
+    targets = np.zeros((len(windows), length), dtype=np.int64)
+    for row, (start, end, _) in enumerate(windows):
         inputs[row, : end - start] = tokens[start:end]
-        # Window position i predicts stream position start + i + 1; score those >= first.
-        offset = first - start - 1
-        scored = np.asarray(tokens[first : end + 1], dtype=np.int64)
-        if loss_mask is not None:
-            scored = np.where(loss_mask[first : end + 1], scored, -1)
-        targets[row, offset : end - start] = scored
+        targets[row, : end - start] = tokens[start + 1 : end + 1]
     # Right padding is harmless: a causal model's earlier positions never see it.
-    # Only positions from the earliest scored one onward need a log-softmax.
-    skip = int(min(first - start - 1 for start, _, first in windows))
-    targets_t = torch.from_numpy(targets[:, skip:]).to(device)
-    count = int((targets_t >= 0).sum())
-    if count == 0:
-        return 0.0, 0
+    # Window position i predicts stream position start + i + 1; only the positions from
+    # the earliest scored one onward need a log-softmax.
+    skip = min(first - start - 1 for start, _, first in windows)
     with autocast:
         logits = model(torch.from_numpy(inputs).to(device))
     logits = logits[:, skip:].float()
     nll = F.cross_entropy(
-        logits.reshape(-1, logits.size(-1)), targets_t.reshape(-1), ignore_index=-1, reduction="none"
+        logits.reshape(-1, logits.size(-1)),
+        torch.from_numpy(targets[:, skip:]).to(device).reshape(-1),
+        reduction="none",
     )
-    # Sum in float64: a split has ~10^5-10^6 terms and float32 would drift in the 7th digit.
-    return float(nll.double().sum()), count
+    # float64 from here on: a split has ~10^5-10^6 terms and float32 sums drift.
+    nll = nll.view(len(windows), -1).double().cpu().numpy()
+    for row, (start, end, first) in enumerate(windows):
+        out[first - 1 : end] = nll[row, first - start - 1 - skip : end - start - skip]
 
 
 def perplexity(total_nll: float, count: int) -> float:
