@@ -26,8 +26,9 @@ logits (B, T, vocab) causally (position t sees positions <= t); src/model/gpt.GP
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import nullcontext
+from typing import Any
 
 import numpy as np
 import torch
@@ -192,3 +193,27 @@ def bits_per_byte(total_nll: float, num_bytes: int) -> float:
     if num_bytes <= 0:
         raise ValueError(f"cannot compute bits per byte over {num_bytes} bytes")
     return total_nll / LN2 / num_bytes
+
+
+def nll_summary(total_nll: float, num_tokens: int, num_bytes: int) -> dict[str, Any]:
+    """The figures every evaluation reports for a total NLL: ``total_nll``, ``num_tokens``,
+    ``loss`` (nats/token), ``token_perplexity``, ``num_bytes``, ``bits_per_byte``
+    (None where the count is zero)."""
+    return {
+        "total_nll": total_nll,
+        "num_tokens": num_tokens,
+        "loss": total_nll / num_tokens if num_tokens else None,
+        "token_perplexity": perplexity(total_nll, num_tokens) if num_tokens else None,
+        "num_bytes": num_bytes,
+        "bits_per_byte": bits_per_byte(total_nll, num_bytes) if num_bytes else None,
+    }
+
+
+def text_bytes(tokenizer: Any, ids: Iterable[int]) -> int:
+    """UTF-8 bytes of the text that ``ids`` spell, special tokens not counted.
+
+    For bits per byte of (part of) a token stream. Exact when the text was encoded in
+    pieces that tokens do not straddle (articles, chat turns), as all our streams are.
+    """
+    specials = set(tokenizer.special_tokens.values())
+    return len(tokenizer.decode_bytes([int(i) for i in ids if int(i) not in specials]))
