@@ -1,0 +1,303 @@
+"""Training configuration: presets, config files, command-line overrides, validation.
+
+One dataclass, :class:`TrainConfig`, holds every knob of a run. A value is resolved in this
+order, later wins:
+
+    1. the preset (``--preset``), which pairs a model preset with training hyper-parameters
+    2. a YAML or JSON config file (``--config FILE``), a flat mapping of field names
+    3. command-line flags, one per field (``--lr 3e-4``, ``--no-compile``, ...)
+
+Model-shape fields (``n_layer``, ``d_model``, ...) default to ``None``, meaning "whatever the model
+preset says". The resolved config is validated before any work starts and saved in the run
+folder as ``config.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from src.utils.cli import UserError
+
+# How long `python train.py` (no arguments: the `small` preset) trains, in minutes. The number
+# of steps is planned from the speed measured during the first steps, so the run ends on time
+# on any machine. Change it here (or with --time-budget) to make the quickstart longer/shorter.
+QUICKSTART_MINUTES = 15.0
+
+
+@dataclass
+class TrainConfig:
+    """Every setting of a training run. Defaults here are the `small` preset's."""
+
+    # --- what to train, on what, where -------------------------------------------------
+    preset: str = "small"  # model preset + training hyper-parameters (see PRESETS)
+    data: str = "data"  # folder written by src/data/prepare_data.py
+    run_dir: str | None = None  # default: runs/<preset>-<timestamp>
+    seed: int = 1337
+    resume: bool = False  # continue from the newest checkpoint in run_dir
+    # --- length ------------------------------------------------------------------------
+    max_steps: int = 100_000  # the length the learning-rate schedule is planned for
+    stop_at_step: int | None = None  # end this invocation early (checkpoint saved)
+    time_budget: float | None = QUICKSTART_MINUTES  # minutes; re-plans max_steps to fit; 0 = off
+    # --- model shape overrides (None: the model preset's value) ------------------------
+    context_length: int | None = None
+    n_layer: int | None = None
+    n_head: int | None = None
+    n_kv_head: int | None = None
+    d_model: int | None = None
+    d_ff: int | None = None
+    dropout: float | None = None
+    # --- batch -------------------------------------------------------------------------
+    batch_size: int = 16  # sequences per micro-batch, per process
+    tokens_per_step: int = 16_384  # global tokens per optimiser step (gradient accumulation)
+    # --- optimiser and schedule ----------------------------------------------------------
+    optimizer: str = "adamw"  # adamw | muon (Muon for hidden matrices, AdamW for the rest)
+    lr: float = 2e-3  # peak learning rate (AdamW; Muon reuses it via RMS matching)
+    min_lr_ratio: float = 0.1  # final lr = lr * min_lr_ratio
+    weight_decay: float = 0.1  # applied to matrices only
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0  # max global gradient norm; 0 = off
+    schedule: str = "cosine"  # cosine | wsd (warmup-stable-decay) | constant
+    warmup_steps: int = 50
+    decay_fraction: float = 0.2  # wsd: fraction of max_steps spent decaying
+    # --- evaluation and checkpoints ----------------------------------------------------
+    eval_interval: int = 100  # steps between validations (and checkpoints)
+    eval_tokens: int = 65_536  # validation tokens scored per evaluation; 0 = all of val.bin
+    eval_stride: int | None = None  # sliding-window stride; None = context_length
+    eval_batch_size: int = 8
+    checkpoint_interval: int | None = None  # None: at every evaluation
+    keep_last: int = 3  # step checkpoints kept (the best is kept in addition)
+    # --- hardware ----------------------------------------------------------------------
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
+    dtype: str = "auto"  # auto (bf16 where supported) | bf16 | fp16 | fp32
+    compile: bool = False  # torch.compile the model
+    fsdp: bool = False  # under torchrun: FSDP2 instead of DDP
+    peak_tflops: float | None = None  # device peak for MFU; None = known GPUs only
+    # --- observability -----------------------------------------------------------------
+    progress: bool = True  # tqdm progress bar
+    tensorboard: bool = True  # event files in <run_dir>/tensorboard when installed
+    plot: bool = True  # loss-curve PNG at each evaluation
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def model_overrides(self) -> dict[str, Any]:
+        """The model-shape fields set in this config, as GPTConfig.from_preset overrides."""
+        keys = ("context_length", "n_layer", "n_head", "n_kv_head", "d_model", "d_ff", "dropout")
+        return {k: getattr(self, k) for k in keys if getattr(self, k) is not None}
+
+
+# Training hyper-parameters per preset; any field not given keeps the dataclass default.
+# The model preset of the same name (src/model/gpt.py) gives the architecture.
+PRESETS: dict[str, dict[str, Any]] = {
+    # Tests and smoke runs: seconds on a CPU.
+    "tiny": dict(
+        max_steps=200, time_budget=None, batch_size=8, tokens_per_step=8 * 64, lr=3e-3,
+        warmup_steps=10, eval_interval=50, eval_tokens=4096, context_length=64,
+    ),
+    # The CPU quickstart: planned to fit QUICKSTART_MINUTES on 2 cores (see time_budget).
+    "small": dict(),
+    # The original project's scale; a GPU (or a lot of patience).
+    "gpt-60m": dict(
+        max_steps=20_000, time_budget=None, batch_size=16, tokens_per_step=262_144, lr=1e-3,
+        warmup_steps=500, eval_interval=500, eval_tokens=262_144,
+    ),
+    # GPT-2 small scale, for GPUs.
+    "gpt-125m": dict(
+        max_steps=50_000, time_budget=None, batch_size=16, tokens_per_step=524_288, lr=6e-4,
+        warmup_steps=1000, eval_interval=1000, eval_tokens=524_288,
+    ),
+}
+
+CHOICES: dict[str, tuple[str, ...]] = {
+    "preset": tuple(PRESETS),
+    "optimizer": ("adamw", "muon"),
+    "schedule": ("cosine", "wsd", "constant"),
+    "dtype": ("auto", "bf16", "fp16", "fp32"),
+}
+
+HELP: dict[str, str] = {
+    "preset": "model preset + training hyper-parameters",
+    "data": "folder written by src/data/prepare_data.py",
+    "run_dir": "run folder (default runs/<preset>-<timestamp>; with --resume, the newest such run)",
+    "resume": "continue from the newest checkpoint in --run-dir",
+    "max_steps": "optimiser steps the learning-rate schedule is planned for",
+    "stop_at_step": "end this invocation at this step (checkpoint saved), schedule unchanged",
+    "time_budget": "minutes: plan max_steps from measured speed so the run fits (0 = off)",
+    "tokens_per_step": "global tokens per optimiser step (gradient accumulation reaches it)",
+    "batch_size": "sequences per micro-batch, per process",
+    "optimizer": "adamw, or muon for hidden matrices (AdamW for embeddings/norms)",
+    "eval_tokens": "validation tokens per evaluation (0 = all)",
+    "eval_stride": "sliding-window stride of validation (default: context length)",
+    "checkpoint_interval": "steps between checkpoints (default: eval_interval)",
+    "keep_last": "number of recent checkpoints kept, besides the best",
+    "peak_tflops": "device peak TFLOP/s for the MFU readout (known GPUs need none)",
+}
+
+
+def _field_type(f: dataclasses.Field) -> type:
+    """The scalar type of a field: int, float, str or bool (``X | None`` gives X)."""
+    t = str(f.type).replace(" ", "")
+    for name, typ in (("bool", bool), ("int", int), ("float", float), ("str", str)):
+        if t.startswith(name):
+            return typ
+    raise TypeError(f"unsupported config field type {f.type!r}")
+
+
+def _coerce(name: str, value: Any, typ: type, source: str) -> Any:
+    """Convert ``value`` (from a file or the command line) to the field's type, or raise UserError."""
+    if value is None:
+        return None
+    if isinstance(value, str) and value.lower() in ("none", "null") and typ is not str:
+        return None
+    try:
+        if typ is bool:
+            if isinstance(value, bool):
+                return value
+            if str(value).lower() in ("1", "true", "yes", "on"):
+                return True
+            if str(value).lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError
+        if typ is int:
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return int(value) if not isinstance(value, str) else int(value.replace("_", ""))
+        if typ is float:
+            return float(value)
+        return str(value)
+    except (TypeError, ValueError):
+        raise UserError(f"{source}: {name} must be {typ.__name__}, got {value!r}") from None
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    """Read a flat YAML (.yaml/.yml) or JSON config file of field names -> values."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"config file {path} does not exist")
+    text = path.read_text(encoding="utf-8")
+    try:
+        if path.suffix.lower() in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text)
+        else:
+            data = json.loads(text)
+    except Exception as exc:  # yaml.YAMLError / json.JSONDecodeError: report in one line
+        raise UserError(f"config file {path} is not valid {path.suffix[1:] or 'JSON'}: {exc}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError(f"config file {path} must hold a mapping of setting names to values")
+    known = {f.name: f for f in fields(TrainConfig)}
+    out = {}
+    for key, value in data.items():
+        name = str(key).replace("-", "_")
+        if name not in known:
+            raise UserError(f"config file {path}: unknown setting {key!r}")
+        out[name] = _coerce(name, value, _field_type(known[name]), f"config file {path}")
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The train.py command line: one flag per TrainConfig field, plus --config."""
+    p = argparse.ArgumentParser(
+        prog="train.py",
+        description="Train the GPT on the token files written by src/data/prepare_data.py. "
+        "Defaults shown are the small preset's; other presets change some of them.",
+    )
+    p.add_argument("--config", default=None, help="YAML or JSON file of settings (flags override it)")
+    defaults = TrainConfig()
+    for f in fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        typ = _field_type(f)
+        kw: dict[str, Any] = {"dest": f.name, "help": HELP.get(f.name, " "), "default": None}
+        if typ is bool:
+            kw["action"] = argparse.BooleanOptionalAction
+        else:
+            kw["type"] = str  # coerced later, so errors read the same as for config files
+            kw["metavar"] = {int: "N", float: "X", str: "TEXT"}[typ]
+            if f.name in CHOICES:
+                kw["choices"] = CHOICES[f.name]
+                kw["metavar"] = "{" + ",".join(CHOICES[f.name]) + "}"
+        # Show the real default in --help while keeping None as "not given on the command line".
+        if "default" not in kw["help"]:
+            kw["help"] = f"{kw['help']} (default: {getattr(defaults, f.name)})"
+        p.add_argument(flag, **kw)
+    return p
+
+
+def resolve_config(
+    argv: list[str] | None = None, base: dict[str, Any] | None = None
+) -> tuple[TrainConfig, dict[str, Any]]:
+    """Parse ``argv`` and resolve preset < config file < flags into a validated TrainConfig.
+
+    ``base`` (e.g. a resumed run's saved config) replaces the preset layer when given.
+    Returns the config and the dict of settings given explicitly (file + flags).
+    """
+    args = build_parser().parse_args(argv)
+    known = {f.name: f for f in fields(TrainConfig)}
+    explicit: dict[str, Any] = load_config_file(args.config) if args.config else {}
+    for name, f in known.items():
+        value = getattr(args, name)
+        if value is not None:
+            explicit[name] = _coerce(name, value, _field_type(f), f"--{name.replace('_', '-')}")
+    # An explicit --max-steps means "exactly this many steps": a preset's time budget yields to it.
+    if "max_steps" in explicit and "time_budget" not in explicit and base is None:
+        explicit["time_budget"] = None
+    return make_config(explicit, base=base), explicit
+
+
+def make_config(overrides: dict[str, Any], base: dict[str, Any] | None = None) -> TrainConfig:
+    """Build a validated TrainConfig: preset (or ``base``) values, then ``overrides``."""
+    preset = overrides.get("preset", (base or {}).get("preset", TrainConfig.preset))
+    if preset not in PRESETS:
+        raise UserError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    values = dict(base) if base is not None else dict(PRESETS[preset], preset=preset)
+    values.update(overrides)
+    unknown = set(values) - {f.name for f in fields(TrainConfig)}
+    if unknown:
+        raise UserError(f"unknown setting(s): {', '.join(sorted(unknown))}")
+    cfg = TrainConfig(**values)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: TrainConfig) -> None:
+    """Raise UserError naming the first invalid value; checks only what needs no data or model."""
+
+    def need(ok: bool, message: str) -> None:
+        if not ok:
+            raise UserError(message)
+
+    for name, options in CHOICES.items():
+        need(getattr(cfg, name) in options, f"{name} must be one of {', '.join(options)}, got {getattr(cfg, name)!r}")
+    for name in ("max_steps", "batch_size", "tokens_per_step", "eval_interval", "eval_batch_size", "keep_last"):
+        need(getattr(cfg, name) >= 1, f"{name} must be at least 1, got {getattr(cfg, name)}")
+    for name in ("context_length", "n_layer", "n_head", "n_kv_head", "d_model", "d_ff", "eval_stride", "checkpoint_interval"):
+        v = getattr(cfg, name)
+        need(v is None or v >= 1, f"{name} must be at least 1, got {v}")
+    for name in ("lr", "beta1", "beta2", "weight_decay", "grad_clip", "min_lr_ratio", "decay_fraction"):
+        v = getattr(cfg, name)
+        need(math.isfinite(v) and v >= 0, f"{name} must be a finite number >= 0, got {v}")
+    need(cfg.lr > 0, f"lr must be positive, got {cfg.lr}")
+    need(cfg.beta1 < 1 and cfg.beta2 < 1, f"beta1 and beta2 must be below 1, got {cfg.beta1}, {cfg.beta2}")
+    need(cfg.min_lr_ratio <= 1, f"min_lr_ratio must be in [0, 1], got {cfg.min_lr_ratio}")
+    need(cfg.decay_fraction <= 1, f"decay_fraction must be in [0, 1], got {cfg.decay_fraction}")
+    need(cfg.dropout is None or 0 <= cfg.dropout < 1, f"dropout must be in [0, 1), got {cfg.dropout}")
+    need(cfg.warmup_steps >= 0, f"warmup_steps must be >= 0, got {cfg.warmup_steps}")
+    need(cfg.eval_tokens >= 0, f"eval_tokens must be >= 0, got {cfg.eval_tokens}")
+    need(cfg.time_budget is None or (math.isfinite(cfg.time_budget) and cfg.time_budget >= 0),
+         f"time_budget must be minutes >= 0, got {cfg.time_budget}")
+    need(cfg.peak_tflops is None or cfg.peak_tflops > 0, f"peak_tflops must be positive, got {cfg.peak_tflops}")
+    need(cfg.stop_at_step is None or cfg.stop_at_step >= 1, f"stop_at_step must be at least 1, got {cfg.stop_at_step}")
+    dev = cfg.device
+    need(dev in ("auto", "cpu", "cuda", "mps") or (dev.startswith("cuda:") and dev[5:].isdigit()),
+         f"device must be auto, cpu, cuda, cuda:N or mps, got {dev!r}")
+    need(bool(cfg.data), "data must name a folder")

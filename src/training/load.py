@@ -1,0 +1,159 @@
+"""Training batches from the token files, in a deterministic order that survives a restart.
+
+``train.bin`` is a flat array of token ids (see meta.json for its dtype), memory-mapped so a
+corpus larger than RAM costs nothing to open. Training reads windows of ``context_length + 1``
+tokens: the input is the first ``T`` tokens, the target the same shifted by one.
+
+The order: each epoch cuts the token stream into non-overlapping windows at a random phase
+(offset in [0, T)) and visits them in a random permutation, both drawn from
+``numpy.random.default_rng([seed, epoch])``. Every window is therefore seen once per epoch
+and the phase changes which token pairs straddle a window edge from epoch to epoch.
+
+Sample ``i`` of the run (counting across steps) is a pure function of ``(seed, i)``, so the
+loader's whole state is one integer, ``sample_index``, saved in every checkpoint. Each
+optimiser step consumes ``global_batch = batch_size * grad_accum * world_size`` samples; process
+``rank`` takes its own contiguous share of them, so ranks never read the same window and one
+process with the same global batch sees exactly the same samples.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from src.utils.cli import UserError
+
+DTYPES = {"uint16": np.uint16, "uint32": np.uint32}
+
+
+def read_meta(data_dir: str | Path) -> dict[str, Any]:
+    """Read ``meta.json`` of a prepared data folder, with a clear error when it is missing."""
+    data_dir = Path(data_dir)
+    path = data_dir / "meta.json"
+    if not path.is_file():
+        raise UserError(
+            f"no prepared data in {data_dir} (missing {path.name}); prepare it with "
+            f"`python src/data/prepare_data.py --out {data_dir}` "
+            "(offline: add `--data-dir ../shared/data`)"
+        )
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise UserError(f"{path} is not valid JSON ({exc}); re-run prepare_data.py") from None
+    for key in ("tokenizer_hash", "dtype"):
+        if key not in meta:
+            raise UserError(f"{path} has no {key!r}; re-run prepare_data.py")
+    if meta["dtype"] not in DTYPES:
+        raise UserError(f"{path}: unsupported dtype {meta['dtype']!r} (expected uint16 or uint32)")
+    return meta
+
+
+def open_tokens(data_dir: str | Path, split: str, meta: dict[str, Any] | None = None) -> np.ndarray:
+    """Memory-map ``<data_dir>/<split>.bin`` as a read-only 1-D array of token ids."""
+    meta = meta if meta is not None else read_meta(data_dir)
+    path = Path(data_dir) / f"{split}.bin"
+    if not path.is_file():
+        raise UserError(f"missing {path}; re-run prepare_data.py")
+    dtype = np.dtype(DTYPES[meta["dtype"]])
+    size = path.stat().st_size
+    if size % dtype.itemsize:
+        raise UserError(f"{path} is {size} bytes, not a whole number of {meta['dtype']} tokens (truncated?)")
+    if size == 0:
+        raise UserError(f"{path} is empty")
+    expected = meta.get("splits", {}).get(split, {}).get("tokens")
+    if expected is not None and expected != size // dtype.itemsize:
+        raise UserError(f"{path} holds {size // dtype.itemsize} tokens but meta.json says {expected}")
+    return np.memmap(path, dtype=dtype, mode="r")
+
+
+class BatchLoader:
+    """Deterministic (input, target) batches for one process of a (possibly distributed) run.
+
+    Contract: ``next_batch()`` returns the ``grad_accum`` micro-batches of the next optimiser
+    step for this rank, each a pair of int64 tensors of shape (batch_size, context_length),
+    and advances ``sample_index`` by the global batch. ``state_dict()``/``load_state_dict()``
+    save and restore the position exactly.
+    """
+
+    def __init__(
+        self,
+        tokens: np.ndarray,
+        context_length: int,
+        batch_size: int,
+        grad_accum: int = 1,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        self.tokens = tokens
+        self.T = context_length
+        self.batch_size = batch_size
+        self.grad_accum = grad_accum
+        self.seed = seed
+        self.rank = rank
+        self.world_size = world_size
+        # Windows per epoch: room for any phase in [0, T) plus the one-token target shift.
+        self.windows_per_epoch = (len(tokens) - self.T) // self.T
+        if self.windows_per_epoch < 1:
+            raise UserError(
+                f"the training split has {len(tokens)} tokens, too few for context length {self.T} "
+                f"(need at least {2 * self.T}); prepare more data or lower --context-length"
+            )
+        self.sample_index = 0
+        self._epoch_cache: tuple[int, int, np.ndarray] | None = None
+
+    @property
+    def global_batch(self) -> int:
+        """Samples consumed per optimiser step, over all processes."""
+        return self.batch_size * self.grad_accum * self.world_size
+
+    @property
+    def epoch(self) -> float:
+        """Fractional epochs done so far."""
+        return self.sample_index / self.windows_per_epoch
+
+    def _epoch_order(self, epoch: int) -> tuple[int, np.ndarray]:
+        if self._epoch_cache is None or self._epoch_cache[0] != epoch:
+            rng = np.random.default_rng([self.seed, epoch])
+            phase = int(rng.integers(0, self.T))
+            self._epoch_cache = (epoch, phase, rng.permutation(self.windows_per_epoch))
+        return self._epoch_cache[1], self._epoch_cache[2]
+
+    def window_starts(self, first: int, count: int) -> np.ndarray:
+        """Token offsets of samples ``first .. first+count-1`` of the run's order."""
+        starts = np.empty(count, dtype=np.int64)
+        for k in range(count):
+            epoch, j = divmod(first + k, self.windows_per_epoch)
+            phase, order = self._epoch_order(epoch)
+            starts[k] = phase + int(order[j]) * self.T
+        return starts
+
+    def _batch(self, first: int) -> tuple[torch.Tensor, torch.Tensor]:
+        starts = self.window_starts(first, self.batch_size)
+        rows = np.stack([np.asarray(self.tokens[s : s + self.T + 1], dtype=np.int64) for s in starts])
+        t = torch.from_numpy(rows)
+        return t[:, :-1].contiguous(), t[:, 1:].contiguous()
+
+    def next_batch(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """This rank's micro-batches of the next step (rank r takes the r-th share)."""
+        base = self.sample_index + self.rank * self.grad_accum * self.batch_size
+        micro = [self._batch(base + m * self.batch_size) for m in range(self.grad_accum)]
+        self.sample_index += self.global_batch
+        return micro
+
+    def state_dict(self) -> dict[str, int]:
+        return {"sample_index": self.sample_index, "seed": self.seed, "windows_per_epoch": self.windows_per_epoch}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        if state.get("windows_per_epoch", self.windows_per_epoch) != self.windows_per_epoch:
+            raise UserError(
+                "the training data changed since this checkpoint was written "
+                f"({state['windows_per_epoch']} windows per epoch then, {self.windows_per_epoch} now)"
+            )
+        self.seed = int(state.get("seed", self.seed))
+        self.sample_index = int(state["sample_index"])
+        self._epoch_cache = None

@@ -1,0 +1,145 @@
+"""What a training run shows and records: progress bar, metrics.jsonl, TensorBoard, loss plot.
+
+* ``metrics.jsonl``: one JSON object per line; every optimiser step writes ``step``, ``loss``,
+  ``lr``, ``tokens`` (seen so far), ``tokens_per_s`` (and ``mfu`` where the peak is known);
+  evaluations add a line with ``val_loss``, ``val_ppl``, ``val_bpb``. On resume, lines past the
+  checkpoint's step (written before a crash) are dropped so the file tells one consistent story.
+* TensorBoard event files in ``<run>/tensorboard`` when the package is installed.
+* ``loss.png``: training and validation loss against step, redrawn at each evaluation.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from src.utils.atomic import atomic_path, write_text_atomic
+
+# Dense bf16 peak (FLOP/s) of common accelerators, for MFU. Matched on the device name.
+PEAK_BF16_FLOPS = {
+    "H200": 989e12,
+    "H100": 989e12,  # SXM; the PCIe card is lower (756e12): pass --peak-tflops to be exact
+    "A100": 312e12,
+    "L40S": 362e12,
+    "A10G": 70e12,
+    "L4": 121e12,
+    "RTX 4090": 165e12,
+    "RTX 3090": 71e12,
+}
+
+
+def peak_flops(device: torch.device, override_tflops: float | None = None) -> float | None:
+    """The device's peak FLOP/s for MFU, or None when unknown (CPUs, unlisted GPUs)."""
+    if override_tflops:
+        return override_tflops * 1e12
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, value in PEAK_BF16_FLOPS.items():
+            if key in name:
+                return value
+    return None
+
+
+class MetricsLog:
+    """Append-only ``metrics.jsonl`` plus the in-memory history the loss plot is drawn from."""
+
+    def __init__(self, path: str | Path, resume_step: int | None = None) -> None:
+        self.path = Path(path)
+        self.records: list[dict[str, Any]] = []
+        if resume_step is not None and self.path.is_file():
+            kept = []
+            for line in self.path.read_text(encoding="utf-8").splitlines():
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError:  # a line cut short by kill -9
+                    continue
+                if isinstance(rec, dict) and rec.get("step", math.inf) <= resume_step:
+                    kept.append(rec)
+            self.records = kept
+            write_text_atomic(self.path, "".join(json.dumps(r) + "\n" for r in kept))
+        elif self.path.exists():
+            self.path.unlink()
+        self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 (closed in close())
+
+    def log(self, record: dict[str, Any]) -> None:
+        self.records.append(record)
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+
+class TensorBoard:
+    """SummaryWriter when tensorboard is installed and wanted; otherwise does nothing."""
+
+    def __init__(self, log_dir: Path, enabled: bool) -> None:
+        self.writer = None
+        if enabled:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                return
+            self.writer = SummaryWriter(log_dir=str(log_dir))
+
+    def log(self, record: dict[str, Any]) -> None:
+        if self.writer is None:
+            return
+        step = record["step"]
+        for key, value in record.items():
+            if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
+                self.writer.add_scalar(key, value, step)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def plot_losses(records: list[dict[str, Any]], path: str | Path, title: str = "") -> None:
+    """Draw training loss (and its running mean) and validation loss against step to a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display needed; safe in threads/servers
+    import matplotlib.pyplot as plt
+
+    train = [(r["step"], r["loss"]) for r in records if "loss" in r]
+    val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
+    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=100)
+    if train:
+        steps, losses = zip(*train)
+        ax.plot(steps, losses, color="tab:blue", alpha=0.3, linewidth=0.8, label="train")
+        k = max(1, len(losses) // 50)
+        if k > 1:
+            smooth = [sum(losses[max(0, i - k + 1) : i + 1]) / len(losses[max(0, i - k + 1) : i + 1]) for i in range(len(losses))]
+            ax.plot(steps, smooth, color="tab:blue", linewidth=1.5, label=f"train (mean of {k})")
+    if val:
+        steps, losses = zip(*val)
+        ax.plot(steps, losses, "o-", color="tab:orange", linewidth=1.5, label="validation")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats/token)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+
+
+def progress_bar(total: int, initial: int, enabled: bool) -> tqdm:
+    """A tqdm bar over optimiser steps on stderr (its ETA is tqdm's)."""
+    return tqdm(total=total, initial=initial, disable=not enabled, unit="step", dynamic_ncols=True,
+                file=sys.stderr, mininterval=0.5, smoothing=0.1)
+
+
+def format_postfix(loss: float, lr: float, tokens_per_s: float, mfu: float | None) -> str:
+    text = f"loss {loss:.4f} lr {lr:.2e} {tokens_per_s:,.0f} tok/s"
+    if mfu is not None:
+        text += f" mfu {100 * mfu:.1f}%"
+    return text

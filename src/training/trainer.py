@@ -1,0 +1,407 @@
+"""The training loop, top to bottom: set up, (resume), step, evaluate, checkpoint, finish.
+
+``train(cfg)`` is what ``python train.py`` runs (and what tests call directly). In order:
+
+  1. device, precision, processes (torchrun -> DDP / FSDP2)
+  2. data: meta.json, memory-mapped train.bin / val.bin, the tokenizer
+  3. run folder: a fresh one (config, tokenizer and data meta copied in) or a resumed one
+  4. model, optimiser(s), optional torch.compile
+  5. resume: weights, optimiser, step, data position, every RNG -> continues bit-exactly
+  6. the loop: lr from the schedule, gradient accumulation, clipping, a finite-loss guard,
+     metrics, periodic validation (loss / perplexity / bits per byte), checkpoints,
+     Ctrl-C / SIGTERM -> checkpoint and a clean exit
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import shutil
+import signal
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from src.training import checkpoint as ckpt_io
+from src.training.config import TrainConfig, make_config
+from src.training.distributed import (
+    DistInfo,
+    all_reduce_mean,
+    any_rank,
+    broadcast_str,
+    init_distributed,
+    no_grad_sync,
+    shutdown_distributed,
+    wrap_model,
+)
+from src.training.load import BatchLoader, open_tokens, read_meta
+from src.training.observe import (
+    MetricsLog,
+    TensorBoard,
+    format_postfix,
+    peak_flops,
+    plot_losses,
+    progress_bar,
+)
+from src.training.optim import build_optimizers, lr_at, set_lr
+from src.utils.atomic import write_json_atomic
+from src.utils.cli import UserError
+
+# Share of a time budget kept for evaluations, checkpoints and the final save.
+BUDGET_RESERVE = 0.08
+CALIBRATION_STEPS = 8  # steps timed (after the first) before a time budget plans max_steps
+
+
+class NonFiniteLoss(UserError):
+    """The loss (or gradient norm) became NaN or infinite: the run stops, checkpoints intact."""
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: CUDA is not available on this machine")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise UserError("--device mps: MPS is not available on this machine")
+    return torch.device(name)
+
+
+def pick_dtype(name: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype (None = plain fp32). auto: bf16 on CPU and on GPUs that support it."""
+    if name == "fp32":
+        return None
+    if name == "fp16":
+        return torch.float16
+    if name == "bf16" or device.type == "cpu":
+        return torch.bfloat16
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return None  # auto on MPS: fp32
+
+
+def default_run_dir(cfg: TrainConfig, resume: bool) -> Path:
+    """runs/<preset>-<timestamp>; with --resume, the newest existing runs/<preset>-* instead."""
+    if resume:
+        runs = sorted(Path("runs").glob(f"{cfg.preset}-*"), key=lambda p: p.stat().st_mtime)
+        if runs:
+            return runs[-1]
+    return Path("runs") / f"{cfg.preset}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+
+
+def resolve_for_resume(cfg: TrainConfig, explicit: dict[str, Any]) -> TrainConfig:
+    """On --resume, the run's saved config is the base and only explicit settings change it."""
+    saved = Path(cfg.run_dir) / "config.json"
+    if not (cfg.resume and saved.is_file()):
+        return cfg
+    base = json.loads(saved.read_text(encoding="utf-8"))
+    shape = ("preset", "context_length", "n_layer", "n_head", "n_kv_head", "d_model", "d_ff", "optimizer")
+    for key in shape:
+        if key in explicit and explicit[key] != base.get(key):
+            raise UserError(f"--{key.replace('_', '-')} {explicit[key]} differs from the run being "
+                            f"resumed ({base.get(key)}); start a new --run-dir instead")
+    return make_config({**explicit, "run_dir": cfg.run_dir, "resume": True}, base=base)
+
+
+def train(
+    cfg: TrainConfig,
+    explicit: dict[str, Any] | None = None,
+    *,
+    loss_hook: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
+) -> dict[str, Any]:
+    """Run (or resume) training as configured. Returns a summary (run_dir, step, losses).
+
+    ``loss_hook(step, loss)`` lets tests alter the logged loss of a step (e.g. inject a NaN).
+    Raises UserError (incl. NonFiniteLoss) with a one-line message on a user-facing problem.
+    """
+    # ---- 1. device, precision, processes ---------------------------------------------------
+    device = pick_device(cfg.device)
+    dist_info = init_distributed(device.type)
+    if device.type == "cuda" and dist_info.enabled:
+        device = torch.device("cuda", dist_info.local_rank)
+    try:
+        return _train(cfg, explicit or {}, device, dist_info, loss_hook)
+    finally:
+        shutdown_distributed()
+
+
+def _train(cfg: TrainConfig, explicit: dict[str, Any], device: torch.device, dist_info: DistInfo,
+           loss_hook) -> dict[str, Any]:
+    main = dist_info.is_main
+    log = print if main else (lambda *a, **k: None)
+    amp_dtype = pick_dtype(cfg.dtype, device)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+    # ---- 2. data ---------------------------------------------------------------------------
+    data_dir = Path(cfg.data)
+    meta = read_meta(data_dir)
+    train_tokens = open_tokens(data_dir, "train", meta)
+    val_tokens = open_tokens(data_dir, "val", meta)
+    from src.data.bpe import BPETokenizer
+
+    tokenizer = BPETokenizer.load(data_dir / "tokenizer.json")
+    if tokenizer.hash != meta["tokenizer_hash"]:
+        raise UserError(f"{data_dir / 'tokenizer.json'} does not match {data_dir / 'meta.json'} "
+                        "(tokenizer hash differs); re-run prepare_data.py")
+
+    # ---- 3. run folder ---------------------------------------------------------------------
+    run_dir = Path(cfg.run_dir) if cfg.run_dir else default_run_dir(cfg, cfg.resume)
+    comm_device = device if device.type == "cuda" else torch.device("cpu")  # NCCL needs CUDA tensors
+    run_dir = Path(broadcast_str(str(run_dir), dist_info, comm_device))
+    cfg.run_dir = str(run_dir)
+    cfg = resolve_for_resume(cfg, explicit)
+    resume_from = ckpt_io.latest_checkpoint(run_dir) if cfg.resume else None
+    if cfg.resume and resume_from is None:
+        log(f"--resume: no checkpoint in {run_dir} yet, starting fresh")
+    if resume_from is None and ckpt_io.list_checkpoints(run_dir):
+        raise UserError(f"{run_dir} already holds checkpoints; add --resume to continue it "
+                        "or choose another --run-dir")
+    if resume_from is not None:
+        saved_hash = ckpt_io.read_state(resume_from).get("tokenizer_hash")
+        if saved_hash != meta["tokenizer_hash"]:
+            raise UserError(f"checkpoint {resume_from} was trained with tokenizer {str(saved_hash)[:12]} "
+                            f"but {data_dir} uses {meta['tokenizer_hash'][:12]}; resume with the same "
+                            "--data, or start a new --run-dir")
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(run_dir / "config.json", cfg.to_dict())
+        if resume_from is None:
+            shutil.copyfile(data_dir / "tokenizer.json", run_dir / "tokenizer.json")
+            write_json_atomic(run_dir / "data_meta.json", meta)
+
+    # ---- 4. model and optimiser --------------------------------------------------------------
+    from src.model.gpt import GPT, GPTConfig
+
+    # The same seed on every rank: identical initial weights (DDP also broadcasts them).
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)  # also seeds CUDA
+    try:
+        model_cfg = GPTConfig.from_preset(cfg.preset, vocab_size=meta.get("vocab_size", tokenizer.vocab_size),
+                                          **cfg.model_overrides())
+    except ValueError as exc:
+        raise UserError(f"invalid model shape: {exc}") from None
+    raw_model = GPT(model_cfg).to(device)
+    T = model_cfg.context_length
+    # After init, each rank draws its own dropout masks.
+    torch.manual_seed(cfg.seed + dist_info.rank)
+    model = wrap_model(raw_model, dist_info, device, fsdp=cfg.fsdp)
+    optimizers = build_optimizers(raw_model, cfg)
+    if cfg.compile:
+        model = torch.compile(model)
+
+    world_tokens = cfg.batch_size * T * dist_info.world_size
+    grad_accum = max(1, round(cfg.tokens_per_step / world_tokens))
+    tokens_per_step = grad_accum * world_tokens
+    loader = BatchLoader(train_tokens, T, cfg.batch_size, grad_accum, cfg.seed,
+                         dist_info.rank, dist_info.world_size)
+
+    # ---- 5. resume -------------------------------------------------------------------------
+    step, tokens_seen, elapsed_before = 0, 0, 0.0
+    best_val, planned_steps = math.inf, None
+    if resume_from is not None:
+        state = ckpt_io.load_checkpoint(resume_from, raw_model, optimizers)
+        step, tokens_seen = state["step"], state["tokens_seen"]
+        elapsed_before = state.get("train_seconds", 0.0)
+        best_val = state.get("best_val_loss") or math.inf
+        planned_steps = state.get("planned_steps")
+        loader.load_state_dict(state["loader"])
+        log(f"resumed from {resume_from} (step {step})")
+    if planned_steps is None and not cfg.time_budget:
+        planned_steps = cfg.max_steps
+    max_steps = lambda: planned_steps if planned_steps is not None else cfg.max_steps  # noqa: E731
+
+    n_params = raw_model.num_params()
+    log(f"run {run_dir}: {cfg.preset} model, {n_params / 1e6:.2f}M parameters, "
+        f"{tokens_per_step:,} tokens/step ({cfg.batch_size} x {T} x {grad_accum} accum x "
+        f"{dist_info.world_size} proc), {cfg.optimizer}, {device}, "
+        f"{'bf16' if amp_dtype == torch.bfloat16 else 'fp16' if amp_dtype else 'fp32'}"
+        f"{', compiled' if cfg.compile else ''}")
+    if tokens_per_step != cfg.tokens_per_step:
+        log(f"note: tokens_per_step {cfg.tokens_per_step:,} rounded to {tokens_per_step:,} "
+            "(a whole number of micro-batches)")
+
+    metrics = MetricsLog(run_dir / "metrics.jsonl", resume_step=step if resume_from else None) if main else None
+    tb = TensorBoard(run_dir / "tensorboard", cfg.tensorboard and main)
+    flops_per_token = raw_model.flops_per_token()
+    peak = peak_flops(device, cfg.peak_tflops)
+    autocast = (torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext)
+    scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
+    eval_tokens = val_tokens if cfg.eval_tokens == 0 else val_tokens[: cfg.eval_tokens + 1]
+    eval_bytes = len(tokenizer.decode_bytes(np.asarray(eval_tokens[1:]).tolist()))
+
+    def evaluate() -> dict[str, float]:
+        from src.eval.perplexity import sliding_window_nll
+
+        nll, count = sliding_window_nll(
+            raw_model, np.asarray(eval_tokens), context_length=T, stride=cfg.eval_stride or T,
+            batch_size=cfg.eval_batch_size, device=device, autocast_dtype=amp_dtype,
+        )
+        loss = nll / count
+        return {"val_loss": loss, "val_ppl": math.exp(min(loss, 700.0)),
+                "val_bpb": nll / math.log(2) / eval_bytes}
+
+    def save(val_loss: float | None = None, is_best: bool = False) -> Path:
+        state = {
+            "tokens_seen": tokens_seen, "train_seconds": elapsed_before + (time.time() - t_start),
+            "best_val_loss": None if best_val == math.inf else best_val, "val_loss": val_loss,
+            "planned_steps": planned_steps, "loader": loader.state_dict(),
+            "schedule": {"name": cfg.schedule, "max_steps": max_steps(), "lr": lr_at(step, cfg, max_steps())},
+            "model_config": model_cfg.to_dict(), "train_config": cfg.to_dict(),
+            "tokenizer_hash": meta["tokenizer_hash"], "optimizers": [type(o).__name__ for o in optimizers],
+        }
+        return ckpt_io.save_checkpoint(run_dir, step, raw_model, optimizers, state,
+                                       keep_last=cfg.keep_last, is_best=is_best)
+
+    # ---- 6. the loop -------------------------------------------------------------------------
+    stop_signal: list[str] = []
+
+    def on_signal(signum, _frame):
+        stop_signal.append(signal.Signals(signum).name)
+
+    old_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    stop_at = cfg.stop_at_step
+    bar = progress_bar(max_steps(), step, cfg.progress and main)
+    t_start = time.time()
+    t_calib = None
+    start_step = step
+    last_loss = math.nan
+    last_saved = step if resume_from is not None else -1
+    ckpt_every = cfg.checkpoint_interval or cfg.eval_interval
+    end_reason = "finished"
+    raw_model.train()
+    try:
+        while step < max_steps():
+            if stop_at is not None and step >= stop_at:
+                end_reason = f"stopped at step {step} (--stop-at-step)"
+                break
+            t0 = time.time()
+            lr = lr_at(step, cfg, max_steps())
+            set_lr(optimizers, lr)
+            loss_sum = torch.zeros((), device=device)
+            for i, (x, y) in enumerate(loader.next_batch()):
+                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                with no_grad_sync(model, active=i < grad_accum - 1), autocast():
+                    _, loss = model(x, y)
+                scaled = loss / grad_accum
+                (scaler.scale(scaled) if scaler else scaled).backward()
+                loss_sum += loss.detach().float()
+            loss_t = all_reduce_mean(loss_sum / grad_accum, dist_info)
+            if loss_hook is not None:
+                loss_t = loss_hook(step, loss_t)
+            if scaler:
+                for opt in optimizers:
+                    scaler.unscale_(opt)
+            grad_norm = torch.nn.utils.clip_grad_norm_(
+                raw_model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+            loss_val, norm_val = float(loss_t), float(grad_norm)
+            if not (math.isfinite(loss_val) and (math.isfinite(norm_val) or scaler)):
+                last = ckpt_io.latest_checkpoint(run_dir)
+                raise NonFiniteLoss(
+                    f"non-finite {'loss' if not math.isfinite(loss_val) else 'gradient norm'} at step "
+                    f"{step + 1} (loss {loss_val}, grad norm {norm_val}); stopped without applying it. "
+                    + (f"Last good checkpoint: {last}; resume with --resume and a lower --lr"
+                       if last else "No checkpoint was written yet; try a lower --lr"))
+            for opt in optimizers:
+                if scaler:
+                    scaler.step(opt)
+                else:
+                    opt.step()
+                opt.zero_grad(set_to_none=True)
+            if scaler:
+                scaler.update()
+            step += 1
+            tokens_seen += tokens_per_step
+            last_loss = loss_val
+            dt = time.time() - t0
+            tps = tokens_per_step / dt
+            mfu = flops_per_token * tps / peak if peak else None
+            record = {"step": step, "loss": loss_val, "lr": lr, "grad_norm": norm_val,
+                      "tokens": tokens_seen, "tokens_per_s": round(tps, 1), "epoch": round(loader.epoch, 4)}
+            if mfu is not None:
+                record["mfu"] = round(mfu, 4)
+            if main:
+                metrics.log(record)
+                tb.log(record)
+            bar.update(1)
+            bar.set_postfix_str(format_postfix(loss_val, lr, tps, mfu), refresh=False)
+
+            # A time budget plans max_steps once the speed is known (never shortening the warmup).
+            if cfg.time_budget and planned_steps is None:
+                if step == start_step + 1:
+                    t_calib = time.time()  # the first step pays one-off costs: not timed
+                elif step == start_step + 1 + CALIBRATION_STEPS:
+                    per_step = (time.time() - t_calib) / CALIBRATION_STEPS
+                    eval_cost = per_step * len(eval_tokens) / tokens_per_step / 3  # forward only
+                    spent = elapsed_before + time.time() - t_start
+                    left = cfg.time_budget * 60 * (1 - BUDGET_RESERVE) - spent
+                    fit = int(left / (per_step + eval_cost / cfg.eval_interval))
+                    planned_steps = max(step + fit, cfg.warmup_steps + 1, step + 1)
+                    planned_steps = min(planned_steps, cfg.max_steps)
+                    planned_steps = int(broadcast_str(str(planned_steps), dist_info, comm_device))
+                    bar.total = planned_steps
+                    bar.write(f"time budget {cfg.time_budget:g} min: {per_step:.2f} s/step -> "
+                              f"planned {planned_steps} steps") if main else None
+
+            finished = step >= max_steps()
+            val_loss, is_best = None, False
+            if step % cfg.eval_interval == 0 or finished:
+                ev = evaluate()
+                val_loss = ev["val_loss"]
+                is_best = val_loss < best_val
+                best_val = min(best_val, val_loss)
+                if main:
+                    rec = {"step": step, **ev, "best_val_loss": best_val}
+                    metrics.log(rec)
+                    tb.log(rec)
+                    if cfg.plot:
+                        plot_losses(metrics.records, run_dir / "loss.png", title=f"{run_dir.name} ({cfg.preset})")
+                    bar.write(f"step {step}: val loss {val_loss:.4f}, ppl {ev['val_ppl']:.2f}, "
+                              f"{ev['val_bpb']:.4f} bits/byte{' (best)' if is_best else ''}")
+            interrupted = any_rank(bool(stop_signal), dist_info, device)
+            if step % ckpt_every == 0 or finished or interrupted or is_best or step == stop_at:
+                save(val_loss, is_best)
+                last_saved = step
+            if interrupted:
+                end_reason = f"interrupted ({', '.join(stop_signal) or 'signal on another rank'}) at step {step}"
+                break
+            over = cfg.time_budget and elapsed_before + time.time() - t_start > cfg.time_budget * 60 * 1.1
+            if any_rank(bool(over), dist_info, device):
+                end_reason = f"time budget exceeded at step {step}"
+                break
+        if last_saved != step:
+            save()
+    finally:
+        bar.close()
+        for s, h in old_handlers.items():
+            signal.signal(s, h)
+        if main:
+            metrics.close()
+        tb.close()
+
+    if end_reason == "finished" and step == start_step and resume_from is not None:
+        end_reason = f"already at step {step} of {max_steps()}"
+    seconds = time.time() - t_start
+    done_steps = step - start_step
+    log(f"{end_reason}: step {step}/{max_steps()}, last loss {last_loss:.4f}, best val loss "
+        f"{best_val:.4f}; {done_steps} steps in {seconds / 60:.1f} min "
+        f"({done_steps * tokens_per_step / max(seconds, 1e-9):,.0f} tokens/s)")
+    log(f"saved to {run_dir}")
+    if step < max_steps():
+        log(f"continue: python train.py --run-dir {run_dir} --resume")
+    log(f"chat with it: python chat.py --run {run_dir}")
+    return {"run_dir": run_dir, "step": step, "best_val_loss": best_val, "last_loss": last_loss,
+            "end_reason": end_reason, "max_steps": max_steps()}
+

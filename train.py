@@ -1,0 +1,34 @@
+"""Train the GPT: ``python train.py`` (the CPU quickstart) or with a preset and options.
+
+    python train.py                                   # preset small, data/, ~15 minutes on a CPU
+    python train.py --preset tiny --max-steps 200     # seconds: a smoke test
+    python train.py --run-dir runs/my-run --resume    # continue exactly where it stopped
+    torchrun --nproc_per_node=4 train.py --preset gpt-60m   # data-parallel (DDP; --fsdp: FSDP2)
+    python train.py --help                            # every setting, with its default
+
+The data comes from ``python src/data/prepare_data.py`` (token files in data/). Each run gets a
+folder under runs/ with its config, a copy of the tokenizer, metrics.jsonl, loss.png,
+TensorBoard events and checkpoints (see src/training/checkpoint.py). The loop itself is in
+src/training/trainer.py, read top to bottom.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the repository root
+
+from src.training.config import resolve_config
+from src.training.trainer import train
+from src.utils.cli import run_cli
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg, explicit = resolve_config(argv)  # every setting validated before any work starts
+    train(cfg, explicit)
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)
