@@ -17,6 +17,7 @@ from src.infer.sampling import (
     apply_repetition_penalty,
     apply_top_k,
     apply_top_p,
+    generate,
     sample_next,
     stream_ids,
 )
@@ -193,3 +194,136 @@ def test_model_mode_is_restored():
     m.train()
     list(stream_ids(m, [1], SamplingSettings(max_new_tokens=2)))
     assert m.training
+
+
+# ---------------------------------------------------------------- a stand-in that follows a script
+
+
+class ScriptModel(torch.nn.Module):
+    """Says the ids of ``script`` one after another after any prompt (then repeats its last
+    id); remembers the prompt it was given. A context of ``context_length`` tokens."""
+
+    def __init__(self, script, vocab_size, context_length=64):
+        super().__init__()
+        self.config = SimpleNamespace(vocab_size=vocab_size, context_length=context_length)
+        self.script = list(script)
+        self.w = torch.nn.Parameter(torch.zeros(1))
+        self.prompts: list[list[int]] = []
+
+    def new_kv_cache(self, batch_size, max_length, device=None, dtype=None):
+        return SimpleNamespace(position=0, reset=None)
+
+    def forward(self, idx, cache=None):
+        if cache is None or cache.position == 0:
+            self.prompts.append(idx[0].tolist())
+            self.prompt_len = idx.size(1)
+        end = idx.size(1) + (cache.position if cache is not None else 0)
+        if cache is not None:
+            cache.position = end
+        assert end <= self.config.context_length, "the loop exceeded the context"
+        step = min(end - self.prompt_len, len(self.script) - 1)
+        logits = torch.zeros(idx.size(0), idx.size(1), self.config.vocab_size)
+        logits[:, -1, self.script[step]] = 100.0
+        return logits
+
+
+@pytest.fixture(scope="module")
+def tok():
+    from src.data.bpe import BPETokenizer
+
+    return BPETokenizer.train(["hello world, how are you? fine thanks. " * 5], vocab_size=280)
+
+
+def test_stop_token_ends_the_row_and_is_not_in_the_output(tok):
+    script = tok.encode("bcd") + [tok.eot_id] + tok.encode("zzz")
+    m = ScriptModel(script, tok.vocab_size)
+    [c] = generate(m, tok, [tok.eot_id], SamplingSettings(greedy=True), stop_ids=[tok.eot_id])
+    assert (c.text, c.finish_reason) == ("bcd", "stop_token")
+    assert c.ids == tok.encode("bcd")
+
+
+def test_stop_string_cuts_the_text_and_never_streams_it(tok):
+    m = ScriptModel([ord(ch) for ch in "one\n\ntwo"], tok.vocab_size)
+    pieces = []
+    [c] = generate(m, tok, [tok.eot_id], SamplingSettings(greedy=True, max_new_tokens=20),
+                   stop_strings=["\n\n"], on_text=lambda row, p: pieces.append(p))
+    assert (c.text, c.finish_reason) == ("one", "stop_string")
+    assert "".join(pieces) == "one"
+
+
+def test_max_new_tokens_and_streamed_pieces_are_whole_characters(tok):
+    # "é" is two bytes (c3 a9) and reaches the decoder as two byte tokens.
+    m = ScriptModel([0xC3, 0xA9, ord("!"), 0xE2, 0x82, 0xAC], tok.vocab_size)
+    pieces = []
+    [c] = generate(m, tok, [tok.eot_id], SamplingSettings(greedy=True, max_new_tokens=6),
+                   on_text=lambda row, p: pieces.append(p))
+    assert pieces == ["é", "!", "€"] and c.finish_reason == "length" and len(c.ids) == 6
+    # Cut inside a character: the broken bytes are shown as U+FFFD at the end, not lost.
+    [c] = generate(m, tok, [tok.eot_id], SamplingSettings(greedy=True, max_new_tokens=5))
+    assert c.text == "é!\ufffd"
+
+
+def test_ids_without_a_token_are_never_drawn(tok):
+    # The script asks for a reserved special id that has no token: it must not come out.
+    unassigned = max(tok.special_tokens.values()) + 1
+    m = ScriptModel([unassigned], tok.vocab_size)
+    [c] = generate(m, tok, [tok.eot_id], SamplingSettings(greedy=True, max_new_tokens=3))
+    assert unassigned not in c.ids and len(c.ids) == 3
+
+
+def test_context_stop_reason(tok):
+    m = ScriptModel([ord("a")], tok.vocab_size, context_length=10)
+    [c] = generate(m, tok, [tok.eot_id] * 6, SamplingSettings(greedy=True, max_new_tokens=50))
+    assert c.finish_reason == "context" and c.text == "aaaaa"
+
+
+# ---------------------------------------------------------------- the loop, on a real GPT
+
+
+@pytest.fixture(scope="module")
+def gpt():
+    from src.model.gpt import GPT, GPTConfig
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig.from_preset("tiny", vocab_size=280, context_length=48))
+    with torch.no_grad():  # larger weights: peaked distributions, no near-ties between tokens
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.mul_(10)
+    return model
+
+
+def test_cache_gives_the_same_tokens_as_recomputing(gpt):
+    s = SamplingSettings(max_new_tokens=30, greedy=True)
+    with_cache = torch.stack(list(stream_ids(gpt, [1, 2, 3, 4], s, num_samples=2)))
+    without = torch.stack(list(stream_ids(gpt, [1, 2, 3, 4], s, num_samples=2, use_cache=False)))
+    assert torch.equal(with_cache, without)
+    s = SamplingSettings(max_new_tokens=30, temperature=0.9, top_k=50, repetition_penalty=1.3)
+    runs = [
+        torch.stack(list(stream_ids(gpt, [5, 6], s, num_samples=3, use_cache=c,
+                                    generator=torch.Generator().manual_seed(3))))
+        for c in (True, False)
+    ]
+    assert torch.equal(*runs)
+
+
+def test_sliding_window_matches_recomputing(gpt):
+    # 48-token context, 40-token prompt, 40 new tokens: slides twice.
+    s = SamplingSettings(max_new_tokens=40, greedy=True)
+    prompt = list(range(10, 50))
+    a = torch.stack(list(stream_ids(gpt, prompt, s, on_context_full="slide")))
+    b = torch.stack(list(stream_ids(gpt, prompt, s, on_context_full="slide", use_cache=False)))
+    assert torch.equal(a, b) and a.size(0) == 40
+
+
+def test_same_seed_same_text_and_samples_of_a_batch_differ(gpt, tok):
+    s = SamplingSettings(max_new_tokens=20, temperature=1.0)
+
+    def run(seed, n=3):
+        out = generate(gpt, tok, [tok.eot_id], s, num_samples=n, generator=torch.Generator().manual_seed(seed))
+        return [c.ids for c in out]
+
+    first = run(123)
+    assert run(123) == first
+    assert run(124) != first
+    assert len({tuple(ids) for ids in first}) == 3  # each row of the batch is its own sample

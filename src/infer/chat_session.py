@@ -141,8 +141,8 @@ def parse_command(line: str, settings: SamplingSettings) -> Command | None:
         value = None
     try:
         new = replace(settings, **{field_name: value})
-    except ValueError as exc:
-        raise CommandError(f"{name}: {exc}") from None
+    except ValueError as exc:  # "top_p must be in (0, 1], got 7.0" -> "/top_p must be ..."
+        raise CommandError(name + str(exc)[len(field_name):]) from None
     return Command("set", settings=new, message=f"({name[1:]} = {arg})")
 
 

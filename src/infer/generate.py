@@ -1,0 +1,190 @@
+"""Sample text from a trained model.
+
+    python src/infer/generate.py --prompt "The history of"            # newest run under runs/
+    python src/infer/generate.py --run runs/small --prompt-file p.txt --max-new-tokens 500
+    python src/infer/generate.py --prompt "Once" --num-samples 4 --seed 1 --stop "\\n\\n"
+
+The text goes to stdout: the prompt, then the continuation as it is generated (whole
+characters only). With ``--num-samples N > 1`` the N samples are drawn as one batch and
+printed one after another when done, each under a ``--- sample i/N ---`` line. Notices
+(such as the context window sliding) go to stderr.
+
+Generation ends at ``<|endoftext|>`` (the end of a document), at a ``--stop`` string (not
+printed; ``\\n`` and ``\\t`` are understood), or after ``--max-new-tokens``. Text longer
+than the model's context keeps going: the window slides forward, forgetting the oldest
+quarter of the context (said once on stderr). The same ``--seed`` and flags give the same
+text. The prompt is encoded as plain text: ``<|endoftext|>`` typed in it is just text.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo root
+
+import torch
+
+from src.infer.sampling import SamplingSettings, generate
+from src.utils.cli import UserError, run_cli
+
+
+def unescape(text: str) -> str:
+    """``\\n``, ``\\t`` and ``\\\\`` in a command-line string, so ``--stop '\\n'`` works."""
+    out, i = [], 0
+    while i < len(text):
+        if text[i] == "\\" and i + 1 < len(text) and text[i + 1] in "nt\\":
+            out.append({"n": "\n", "t": "\t", "\\": "\\"}[text[i + 1]])
+            i += 2
+        else:
+            out.append(text[i])
+            i += 1
+    return "".join(out)
+
+
+def read_prompt_file(path: str) -> str:
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"--prompt-file {path}: no such file")
+    data = p.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise UserError(f"--prompt-file {path}: not UTF-8 text (byte {exc.start})") from None
+
+
+def pick_device(name: str) -> str:
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: no CUDA device is available (use --device cpu)")
+    return name
+
+
+def add_loading_args(parser: argparse.ArgumentParser) -> None:
+    """--run / --checkpoint / --device, shared with chat.py."""
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--run", help="a run directory (default: the newest run under runs/)")
+    where.add_argument("--checkpoint", help="a checkpoint directory inside a run")
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: auto)")
+
+
+def load(args: argparse.Namespace):
+    """(model, tokenizer, info) from --run/--checkpoint, or the newest run; safetensors only."""
+    from src.training.checkpoint import load_model
+
+    return load_model(args.run or args.checkpoint, device=pick_device(args.device))
+
+
+def settings_from_args(
+    args: argparse.Namespace, max_new_tokens: int, max_tokens_flag: str = "--max-new-tokens"
+) -> SamplingSettings:
+    """The sampling settings of the command line; a bad value is a UserError naming its flag."""
+    try:
+        return SamplingSettings(
+            max_new_tokens=max_new_tokens,
+            temperature=args.temperature,
+            top_k=args.top_k or None,
+            top_p=args.top_p,
+            repetition_penalty=args.repetition_penalty,
+            greedy=getattr(args, "greedy", False),
+        )
+    except ValueError as exc:
+        message = str(exc)  # starts with the field's name, e.g. "top_p must be in (0, 1] ..."
+        field = message.split(" ", 1)[0]
+        flag = max_tokens_flag if field == "max_new_tokens" else "--" + field.replace("_", "-")
+        raise UserError(flag + message[len(field):]) from None
+
+
+def add_sampling_args(parser: argparse.ArgumentParser, temperature: float, top_p: float) -> None:
+    """The sampling flags, shared with chat.py (the defaults differ)."""
+    parser.add_argument("--temperature", type=float, default=temperature,
+                        help=f"randomness; 0 = greedy (default {temperature})")
+    parser.add_argument("--top-k", type=int, default=0,
+                        help="sample among the K most likely tokens (default 0 = off)")
+    parser.add_argument("--top-p", type=float, default=top_p,
+                        help=f"nucleus: the most likely tokens covering P (default {top_p})")
+    parser.add_argument("--repetition-penalty", type=float, default=1.0,
+                        help="> 1 discourages tokens already in the text (default 1 = off)")
+    parser.add_argument("--seed", type=int, default=None, help="for reproducible output")
+
+
+def make_generator(seed: int | None, device: torch.device) -> torch.Generator:
+    generator = torch.Generator(device=device)
+    if seed is None:
+        generator.seed()
+    else:
+        generator.manual_seed(seed)
+    return generator
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description="Sample text from a trained model.",
+        epilog="Example: python src/infer/generate.py --prompt 'The history of' --seed 0",
+    )
+    add_loading_args(parser)
+    prompt = parser.add_mutually_exclusive_group()
+    prompt.add_argument("--prompt", help="the text to continue (default: start a new document)")
+    prompt.add_argument("--prompt-file", help="read the prompt from this UTF-8 file")
+    parser.add_argument("--max-new-tokens", type=int, default=200, help="(default 200)")
+    add_sampling_args(parser, temperature=0.8, top_p=0.95)
+    parser.add_argument("--greedy", action="store_true", help="always the most likely token")
+    parser.add_argument("--num-samples", type=int, default=1, help="samples drawn as one batch")
+    parser.add_argument("--stop", action="append", default=[], metavar="TEXT",
+                        help="stop at this text (repeatable; \\n and \\t understood)")
+    parser.add_argument("--no-echo", action="store_true", help="print only the continuation")
+    args = parser.parse_args(argv)
+
+    if args.num_samples < 1:
+        raise UserError(f"--num-samples must be >= 1, got {args.num_samples}")
+    settings = settings_from_args(args, args.max_new_tokens)
+    stops = [unescape(s) for s in args.stop]
+    if any(not s for s in stops):
+        raise UserError("--stop needs a non-empty text")
+    text = read_prompt_file(args.prompt_file) if args.prompt_file else (args.prompt or "")
+
+    model, tokenizer, _info = load(args)
+    device = next(model.parameters()).device
+    # A document starts after an <|endoftext|>, as in training; the prompt is plain text.
+    prompt_ids = [tokenizer.eot_id, *tokenizer.encode(text)]
+
+    def notice(message: str) -> None:
+        print(f"note: {message}", file=sys.stderr, flush=True)
+
+    out = sys.stdout
+    stream = args.num_samples == 1
+    if stream and not args.no_echo:
+        out.write(text)
+        out.flush()
+
+    def on_text(row: int, piece: str) -> None:
+        out.write(piece)
+        out.flush()
+
+    completions = generate(
+        model,
+        tokenizer,
+        prompt_ids,
+        settings,
+        num_samples=args.num_samples,
+        stop_ids=[tokenizer.eot_id],
+        stop_strings=stops,
+        generator=make_generator(args.seed, device),
+        on_context_full="slide",
+        on_text=on_text if stream else None,
+        notice=notice,
+    )
+    if stream:
+        out.write("\n")
+    else:
+        for i, c in enumerate(completions, 1):
+            out.write(f"--- sample {i}/{args.num_samples} ---\n")
+            out.write(("" if args.no_echo else text) + c.text + "\n")
+    out.flush()
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)
