@@ -56,9 +56,53 @@ def train_quiet(texts, vocab_size):
         return BPETokenizer.train(texts, vocab_size)
 
 
+def naive_encode(tok, text):
+    """Apply every merge in order to every chunk: slow, obviously right."""
+    out = []
+    for chunk in regex.findall(SPLIT_PATTERN, text):
+        ids = list(chunk.encode("utf-8"))
+        for k, pair in enumerate(tok.merges):
+            merged, i = [], 0
+            while i < len(ids):
+                if i + 1 < len(ids) and (ids[i], ids[i + 1]) == pair:
+                    merged.append(256 + k)
+                    i += 2
+                else:
+                    merged.append(ids[i])
+                    i += 1
+            ids = merged
+        out.extend(ids)
+    return out
+
+
+BACKENDS = ["python"]
+try:
+    import tiktoken  # noqa: F401
+
+    BACKENDS.append("tiktoken")
+except ImportError:
+    pass
+
+
 @pytest.fixture(scope="module")
-def tok():
+def trained():
     return train_quiet(CORPUS, 256 + NUM_RESERVED_SPECIAL + 120)
+
+
+@pytest.fixture(scope="module", params=BACKENDS)
+def tok(request, trained):
+    """The same tokenizer on each encoder backend (python = the reference)."""
+    t = BPETokenizer(trained.merges)
+    t.backend_preference = request.param
+    assert t.backend == request.param
+    return t
+
+
+@pytest.fixture(scope="module")
+def py_tok(trained):
+    t = BPETokenizer(trained.merges)
+    t.backend_preference = "python"
+    return t
 
 
 # ---------------------------------------------------------------- training
@@ -128,6 +172,26 @@ def test_roundtrip_edge_cases(tok, text):
     assert tok.decode(tok.encode(text)) == text
 
 
+@settings(max_examples=150, deadline=None)
+@given(st.text(alphabet="ab \n\t1.'é😀xyz", max_size=120) | st.text(max_size=80))
+def test_encoder_matches_naive_reference(py_tok, tok, text):
+    text = text.encode("utf-8", "replace").decode("utf-8")
+    assert tok.encode(text) == naive_encode(py_tok, text)
+
+
+def test_long_chunks_use_the_linear_loop(tok, py_tok):
+    for text in [" " * 5000 + "x", "\n" * 3000, "ab" * 3000, "1" * 1001, "😀" * 700, "é" * 999]:
+        assert tok.encode(text) == naive_encode(py_tok, text)
+        assert tok.decode(tok.encode(text)) == text
+
+
+def test_backend_choice(trained, monkeypatch):
+    monkeypatch.setenv("GPT_MODEL_BPE_BACKEND", "python")
+    assert BPETokenizer(trained.merges).backend == "python"
+    with pytest.raises(ValueError, match="backend must be"):
+        BPETokenizer(trained.merges).backend_preference = "rust"
+
+
 def test_encode_compresses_and_is_cached(tok):
     text = CORPUS[0]
     ids = tok.encode(text)
@@ -161,6 +225,19 @@ def test_encode_batch_returns_arrays(tok):
     arrays = tok.encode_batch(texts, num_workers=2)
     assert all(isinstance(a, np.ndarray) and a.dtype == np.uint16 for a in arrays)
     assert [a.tolist() for a in arrays] == [tok.encode(t) for t in texts]
+
+
+def test_encode_batch_in_worker_processes(py_tok, monkeypatch):
+    import src.data.bpe as bpe
+
+    # Shrink the thresholds so a small batch is cut into pieces and sent to 2 processes.
+    monkeypatch.setattr(bpe, "_PARALLEL_MIN_CHARS", 1000)
+    monkeypatch.setattr(bpe, "_GROUP_CHARS", 700)
+    long_text = "".join(f"line {i}: {CORPUS[i % 4]}\n" for i in range(60))
+    texts = [long_text, "", "short one", long_text[:999]]
+    arrays = py_tok.encode_batch(texts, num_workers=2)
+    assert [a.tolist() for a in arrays] == [py_tok.encode(t) for t in texts]
+    assert all(a.dtype == np.uint16 for a in arrays)
 
 
 # ---------------------------------------------------------------- decoding

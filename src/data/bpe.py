@@ -26,11 +26,12 @@ from __future__ import annotations
 import codecs
 import hashlib
 import json
+import multiprocessing
 import os
 import sys
 import warnings
 from collections.abc import Iterable, Sequence
-from itertools import repeat
+from itertools import chain, repeat
 from pathlib import Path
 
 if __name__ == "__main__":  # run as a file: put the repository root on sys.path
@@ -39,17 +40,18 @@ if __name__ == "__main__":  # run as a file: put the repository root on sys.path
 import numpy as np
 import regex
 
-from src.data.bpe_train import SPLIT_PATTERN, count_chunks, learn_merges
+from src.data.bpe_train import SPLIT_PATTERN, count_chunks, iter_blocks, learn_merges
 from src.data.special_tokens import NUM_RESERVED_SPECIAL, SPECIAL_TOKENS
 from src.utils.atomic import write_text_atomic
 from src.utils.cli import UserError
 
 FORMAT_NAME = "gpt-model-bpe"
 FORMAT_VERSION = 1
-# Chunks longer than this are encoded but not cached (a huge run of spaces or digits-free
-# junk would otherwise fill the cache with entries that never repeat).
-_MAX_CACHED_CHUNK = 64
-_MAX_CACHE_ENTRIES = 1 << 20
+BACKEND_ENV = "GPT_MODEL_BPE_BACKEND"  # "auto" (default), "python" or "tiktoken"
+_MAX_CACHE_ENTRIES = 1 << 20  # the chunk cache is emptied when it grows past this
+_SHORT_CHUNK = 64  # bytes; longer chunks use the linear-per-round merge loop
+_PARALLEL_MIN_CHARS = 1 << 20  # smaller batches are not worth starting processes for
+_GROUP_CHARS = 1 << 19  # characters per work item sent to a worker process
 _NO_RANK = 1 << 62  # rank of a pair that is not a merge
 
 
@@ -86,7 +88,9 @@ class BPETokenizer:
         self.special_tokens: dict[str, int] = {s: self._num_base + i for i, s in enumerate(special_tokens)}
         self._special_bytes = {i: s.encode("utf-8") for s, i in self.special_tokens.items()}
         self.vocab: list[bytes] = vocab  # token bytes of every non-special id
-        self._cache: dict[str, list[int]] = {}
+        self._cache: dict[str, tuple[int, ...]] = {}
+        self._fast = _UNSET
+        self.backend_preference = os.environ.get(BACKEND_ENV, "auto")
         self._special_split = (
             regex.compile("(" + "|".join(regex.escape(s) for s in sorted(special_tokens, key=len, reverse=True)) + ")")
             if special_tokens
@@ -122,13 +126,14 @@ class BPETokenizer:
         if vocab_size < min_size:
             raise ValueError(f"vocab_size must be at least {min_size} (256 bytes + {NUM_RESERVED_SPECIAL} special), got {vocab_size}")
         num_merges = vocab_size - min_size
-        bar = _progress_bar(show_progress, None, "counting chunks", "char")
-        counts = count_chunks(texts, progress=bar.update if bar else None)
-        if bar:
+        total = sum(map(len, texts)) if isinstance(texts, (list, tuple)) else None
+        bar = _progress_bar(show_progress, total, "counting chunks", "char")
+        counts = count_chunks(texts, progress=None if bar is None else bar.update)
+        if bar is not None:
             bar.close()
         bar = _progress_bar(show_progress, num_merges, "merging", "merge")
-        merges = learn_merges(counts, num_merges, progress=bar.update if bar else None)
-        if bar:
+        merges = learn_merges(counts, num_merges, progress=None if bar is None else bar.update)
+        if bar is not None:
             bar.close()
         if len(merges) < num_merges:
             warnings.warn(
@@ -139,47 +144,124 @@ class BPETokenizer:
         return cls(merges)
 
     # ------------------------------------------------------------------ encoding
+    @property
+    def backend(self) -> str:
+        """The encoder in use: "tiktoken" (verified fast path) or "python" (the reference).
+
+        Chosen by ``backend_preference`` ("auto", "python" or "tiktoken"), whose default
+        comes from the environment variable GPT_MODEL_BPE_BACKEND (default "auto": tiktoken
+        when installed and verified, else python).
+        """
+        return "python" if self._tiktoken() is None else "tiktoken"
+
+    @property
+    def backend_preference(self) -> str:
+        return self._backend_preference
+
+    @backend_preference.setter
+    def backend_preference(self, value: str) -> None:
+        if value not in ("auto", "python", "tiktoken"):
+            raise ValueError(f"backend must be 'auto', 'python' or 'tiktoken', got {value!r}")
+        self._backend_preference = value
+        self._fast = _UNSET
+
+    def _tiktoken(self):
+        """The verified tiktoken.Encoding of this tokenizer, or None (built once, lazily)."""
+        if self._fast is _UNSET:
+            self._fast = None
+            if self._backend_preference != "python":
+                try:
+                    from src.data.bpe_interop import to_tiktoken
+                    enc = to_tiktoken(self)
+                except ImportError:
+                    if self._backend_preference == "tiktoken":
+                        raise
+                    return None
+                mismatch = self._check_fast_path(enc)
+                if mismatch is not None:
+                    message = f"tiktoken fast path disabled: it encodes {mismatch!r} differently"
+                    if self._backend_preference == "tiktoken":
+                        raise ValueError(message)
+                    warnings.warn(message, stacklevel=3)
+                    return None
+                self._fast = enc
+        return self._fast
+
+    def _check_fast_path(self, enc) -> str | None:
+        """Compare tiktoken with the reference encoder on probe texts; first mismatch or None.
+
+        The probes are every 16th token of the vocabulary glued to its neighbours (where a
+        differently ranked split of a token would show) and texts exercising each part of
+        the split pattern with unusual whitespace, digits, marks and emoji.
+        """
+        probes = list(_PROBE_TEXTS)
+        strings = [t.decode("utf-8", errors="ignore") for t in self.vocab[256:]]
+        for i in range(0, len(strings), 16):
+            probes.append("".join(strings[i : i + 3]))
+            probes.append(strings[i] + " " + strings[-1 - i])
+        for text in probes:
+            if enc.encode_ordinary(text) != self._encode_python(text):
+                return text
+        return None
+
     def _encode_chunk(self, chunk: str) -> list[int]:
         """Token ids of one chunk: merge the lowest-rank adjacent pair until none is left."""
         try:
             ids = list(chunk.encode("utf-8"))
         except UnicodeEncodeError as exc:
-            raise ValueError(
-                f"text is not valid Unicode: lone surrogate {chunk[exc.start]!r} "
-                f"(U+{ord(chunk[exc.start]):04X}) cannot be encoded as UTF-8"
-            ) from None
-        # Each round merges the leftmost occurrence of the lowest-rank pair (a merge's rank
-        # is its new id). Merging the leftmost occurrence and looking again is the same as
-        # merging all occurrences left to right, and keeps the loop in C-level calls.
+            raise _surrogate_error(chunk, exc.start) from None
         get, merges, none = self._ranks.get, self.merges, repeat(_NO_RANK)
+        if len(ids) <= _SHORT_CHUNK:
+            # Each round merges the leftmost occurrence of the lowest-rank pair (a merge's
+            # rank is its new id). That equals merging all occurrences left to right, and
+            # keeps each round in C-level calls.
+            while len(ids) > 1:
+                pairs = list(zip(ids, ids[1:]))
+                rank = min(map(get, pairs, none))
+                if rank == _NO_RANK:
+                    break
+                i = pairs.index(merges[rank - 256])
+                ids[i : i + 2] = (rank,)
+            return ids
+        # A long chunk (e.g. a run of 10,000 spaces): merge all occurrences per round, so
+        # the cost is O(length x distinct merges used), not O(length^2).
         while len(ids) > 1:
-            pairs = list(zip(ids, ids[1:]))
-            rank = min(map(get, pairs, none))
+            rank = min(map(get, zip(ids, ids[1:]), none))
             if rank == _NO_RANK:
                 break
-            i = pairs.index(merges[rank - 256])
-            ids[i : i + 2] = (rank,)
+            a, b = merges[rank - 256]
+            out: list[int] = []
+            i, n = 0, len(ids)
+            while i < n:
+                if ids[i] == a and i + 1 < n and ids[i + 1] == b:
+                    out.append(rank)
+                    i += 2
+                else:
+                    out.append(ids[i])
+                    i += 1
+            ids = out
         return ids
+
+    def _encode_python(self, text: str) -> list[int]:
+        """The reference encoder: split, look every chunk up in the cache, encode the misses."""
+        cache = self._cache
+        if len(cache) > _MAX_CACHE_ENTRIES:
+            cache.clear()
+        chunks = self._split(text)
+        for chunk in set(chunks).difference(cache):
+            cache[chunk] = tuple(self._encode_chunk(chunk))  # tuples chain fastest
+        return list(chain.from_iterable(map(cache.__getitem__, chunks)))
 
     def encode(self, text: str) -> list[int]:
         """Token ids of ``text``. Never yields a special token: all text is plain text.
 
         Raises ValueError if ``text`` holds a lone surrogate (not valid Unicode).
         """
-        cache = self._cache
-        if len(cache) > _MAX_CACHE_ENTRIES:
-            cache.clear()
-        out: list[int] = []
-        extend = out.extend
-        get = cache.get
-        for chunk in self._split(text):
-            ids = get(chunk)
-            if ids is None:
-                ids = self._encode_chunk(chunk)
-                if len(chunk) <= _MAX_CACHED_CHUNK:
-                    cache[chunk] = ids
-            extend(ids)
-        return out
+        enc = self._tiktoken()
+        if enc is None:
+            return self._encode_python(text)
+        _check_unicode(text)
+        return enc.encode_ordinary(text)
 
     def encode_with_special(self, text: str) -> list[int]:
         """Like :meth:`encode`, but the special-token strings become their ids.
@@ -187,6 +269,10 @@ class BPETokenizer:
         Only for trusted text (e.g. a data file written by this project); never for text
         typed by a user.
         """
+        enc = self._tiktoken()
+        if enc is not None:
+            _check_unicode(text)
+            return enc.encode(text, allowed_special="all")
         if self._special_split is None:
             return self.encode(text)
         out: list[int] = []
@@ -194,18 +280,48 @@ class BPETokenizer:
             if i % 2:  # odd parts are the captured special-token strings
                 out.append(self.special_tokens[part])
             elif part:
-                out.extend(self.encode(part))
+                out.extend(self._encode_python(part))
         return out
 
     def encode_batch(self, texts: list[str], num_workers: int | None = None) -> list[np.ndarray]:
         """Encode many texts (plain :meth:`encode`), each as a numpy array.
 
         dtype is uint16 when ``vocab_size <= 65536`` (the dtype of the token files), else
-        uint32. ``num_workers`` processes share the work (default: all CPUs; 0 or 1 = in
-        this process). Small batches are always encoded in this process.
+        uint32. ``num_workers`` threads (tiktoken) or processes (python backend) share the
+        work; default: all CPUs; 0 or 1: this process only. Long texts are cut at safe chunk
+        boundaries, so even one big text is shared out. Small batches stay in this process.
         """
         dtype = np.uint16 if self.vocab_size <= 65536 else np.uint32
-        return [np.asarray(self.encode(t), dtype=dtype) for t in texts]
+        workers = (os.cpu_count() or 1) if num_workers is None else max(1, num_workers)
+        enc = self._tiktoken()
+        if enc is not None:
+            for text in texts:
+                _check_unicode(text)
+            lists = enc.encode_ordinary_batch(texts, num_threads=workers)
+            return [np.asarray(ids, dtype=dtype) for ids in lists]
+        total = sum(map(len, texts))
+        if workers <= 1 or total < _PARALLEL_MIN_CHARS:
+            return [np.asarray(self._encode_python(t), dtype=dtype) for t in texts]
+        # Work items: (text index, piece); groups of about _GROUP_CHARS go to a worker.
+        cut = self.pattern == SPLIT_PATTERN  # iter_blocks' safe cuts hold for this pattern
+        groups: list[list[tuple[int, str]]] = [[]]
+        size = 0
+        for ti, text in enumerate(texts):
+            for piece in iter_blocks(text, _GROUP_CHARS) if cut else (text,):
+                if size >= _GROUP_CHARS:
+                    groups.append([])
+                    size = 0
+                groups[-1].append((ti, piece))
+                size += len(piece)
+        parts: list[list[np.ndarray]] = [[] for _ in texts]
+        method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+        ctx = multiprocessing.get_context(method)
+        state = (self.merges, self.pattern, list(self.special_tokens), dtype)
+        with ctx.Pool(min(workers, len(groups)), initializer=_init_worker, initargs=(state,)) as pool:
+            for group, arrays in zip(groups, pool.imap(_encode_group, groups)):
+                for (ti, _), arr in zip(group, arrays):
+                    parts[ti].append(arr)
+        return [p[0] if len(p) == 1 else np.concatenate(p) if p else np.zeros(0, dtype) for p in parts]
 
     # ------------------------------------------------------------------ decoding
     def token_bytes(self, token_id: int) -> bytes:
@@ -310,6 +426,50 @@ class BPETokenizer:
         return f"BPETokenizer(vocab_size={self.vocab_size}, merges={len(self.merges)}, hash={self.hash[:12]})"
 
 
+# ---------------------------------------------------------------------- helpers
+_UNSET = object()
+# Texts that exercise every alternative of the split pattern and the whitespace, digit and
+# letter classes where regex engines could disagree (checked against tiktoken before use).
+_PROBE_TEXTS = (
+    "Hello, world! It's 12345 o'clock; we'RE 'LL 'Ve done.\r\n\r\n  spaced   out  \n",
+    "\t\x0b\x0c\x1c\x1d\x1e\x1f\x85\xa0\u1680\u2000\u2028\u2029\u202f\u205f\u3000 x \u200b\ufeff",
+    "naïve café e\u0301 東京 ٣٤٥ ²³ Ⅻ ½ 𝟙𝟚 😀👍🏽🇫🇷 \x00\x7f ...!!! ?? --- \n\n\n",
+)
+
+
+def _surrogate_error(text: str, pos: int) -> ValueError:
+    return ValueError(
+        f"text is not valid Unicode: lone surrogate U+{ord(text[pos]):04X} at position {pos} "
+        "cannot be encoded as UTF-8"
+    )
+
+
+def _check_unicode(text: str) -> None:
+    """ValueError for a lone surrogate (tiktoken would silently replace it)."""
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise _surrogate_error(text, exc.start) from None
+
+
+_worker_tok: BPETokenizer | None = None
+_worker_dtype = np.uint16
+
+
+def _init_worker(state) -> None:
+    """Build the worker's own tokenizer once (python backend: the reference encoder)."""
+    global _worker_tok, _worker_dtype
+    merges, pattern, specials, _worker_dtype = state
+    _worker_tok = BPETokenizer(merges, pattern=pattern, special_tokens=specials)
+    _worker_tok.backend_preference = "python"
+
+
+def _encode_group(group: list[tuple[int, str]]) -> list[np.ndarray]:
+    assert _worker_tok is not None
+    return [np.asarray(_worker_tok._encode_python(piece), dtype=_worker_dtype) for _, piece in group]
+
+
 def _content_hash(content: dict) -> str:
     canonical = json.dumps(content, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
     return hashlib.sha256(canonical.encode("ascii")).hexdigest()
@@ -342,3 +502,168 @@ class StreamingDecoder:
         text = self._decoder.decode(b"", final=True)
         self._decoder.reset()
         return text
+
+
+# ---------------------------------------------------------------------- command line
+def _read_text(path: str) -> str:
+    """A UTF-8 text file, or stdin for "-"; UserError naming the file otherwise."""
+    if path == "-":
+        data = sys.stdin.buffer.read()
+    else:
+        try:
+            data = Path(path).read_bytes()
+        except FileNotFoundError:
+            raise UserError(f"{path}: file not found") from None
+        except IsADirectoryError:
+            raise UserError(f"{path}: is a directory, expected a text file") from None
+        except OSError as exc:
+            raise UserError(f"{path}: cannot read ({exc.strerror})") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{_name(path)}: not UTF-8 text (invalid byte at offset {exc.start})") from None
+
+
+def _name(path: str) -> str:
+    return "stdin" if path == "-" else path
+
+
+def _load(path: str) -> BPETokenizer:
+    return BPETokenizer.load(path)  # TokenizerFileError is a UserError: one line, exit 2
+
+
+def _write_output(path: str | None, text: str) -> None:
+    if path is None or path == "-":
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    else:
+        write_text_atomic(path, text)
+
+
+def _cmd_train(args) -> None:
+    min_size = 256 + NUM_RESERVED_SPECIAL
+    if args.vocab_size < min_size:
+        raise UserError(f"--vocab-size {args.vocab_size} is too small: it must be at least {min_size} (256 bytes + {NUM_RESERVED_SPECIAL} special ids)")
+    texts = [_read_text(p) for p in args.input]  # read all first: fail before the long part
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        tok = BPETokenizer.train(texts, args.vocab_size, show_progress=not args.quiet)
+    for w in caught:
+        print(f"warning: {w.message}", file=sys.stderr)
+    tok.save(args.output)
+    print(f"wrote {args.output}: vocab_size {tok.vocab_size} ({len(tok.merges)} merges), hash {tok.hash[:16]}", file=sys.stderr)
+
+
+def _cmd_encode(args) -> None:
+    tok = _load(args.tokenizer)
+    text = _read_text(args.input)
+    try:
+        ids = tok.encode_with_special(text) if args.special else tok.encode(text)
+    except ValueError as exc:
+        raise UserError(f"{_name(args.input)}: {exc}") from None
+    _write_output(args.output, "".join(f"{i}\n" for i in ids))
+
+
+def _cmd_decode(args) -> None:
+    tok = _load(args.tokenizer)
+    ids: list[int] = []
+    for n, line in enumerate(_read_text(args.input).splitlines(), 1):
+        for word in line.split():
+            try:
+                ids.append(int(word))
+            except ValueError:
+                raise UserError(f"{_name(args.input)}: line {n}: {word!r} is not a token id") from None
+    try:
+        text = tok.decode(ids)
+    except ValueError as exc:
+        raise UserError(f"{_name(args.input)}: {exc}") from None
+    _write_output(args.output, text)
+
+
+def _cmd_stats(args) -> None:
+    tok = _load(args.tokenizer)
+    print(f"tokenizer {args.tokenizer}: vocab_size {tok.vocab_size}, {len(tok.merges)} merges, "
+          f"hash {tok.hash[:16]}, backend {tok.backend}")
+    print(f"{'file':<50} {'bytes':>12} {'tokens':>11} {'bytes/token':>11} {'byte-level':>10} {'lossless':>8}")
+    for path in args.input:
+        text = _read_text(path)
+        try:
+            ids = tok.encode(text)
+        except ValueError as exc:
+            raise UserError(f"{path}: {exc}") from None
+        n_bytes = len(text.encode("utf-8"))
+        # Ids below 128 are ASCII bytes; 128..255 are pieces of characters the merges never
+        # learnt: "unknown" to a word-level tokenizer, still exact here.
+        fallback = sum(1 for i in ids if 128 <= i < 256)
+        lossless = tok.decode(ids) == text
+        print(f"{path:<50} {n_bytes:>12,} {len(ids):>11,} {n_bytes / max(1, len(ids)):>11.3f} "
+              f"{fallback:>10,} {'yes' if lossless else 'NO':>8}")
+        if not lossless:
+            raise UserError(f"{path}: decode(encode(text)) differs from the text (a bug, please report it)")
+    print("no unknown tokens: every byte has an id (byte-level = tokens for bytes >= 128 left unmerged)")
+
+
+def _cmd_export(args) -> None:
+    from src.data import bpe_interop
+
+    tok = _load(args.tokenizer)
+    if args.format == "hf":
+        bpe_interop.save_hf(tok, args.output)
+        print(f"wrote {args.output}: load with tokenizers.Tokenizer.from_file or "
+              "transformers.PreTrainedTokenizerFast(tokenizer_file=...)", file=sys.stderr)
+    else:
+        bpe_interop.save_tiktoken(tok, args.output)
+        print(f"wrote {args.output} (ranks, tiktoken's .tiktoken format) and {args.output}.json "
+              "(pattern and special tokens): see src/data/bpe_interop.load_tiktoken", file=sys.stderr)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="python src/data/bpe.py",
+        description="Train, apply, inspect and export the project's byte-level BPE tokenizer.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("train", help="learn a tokenizer from text files")
+    p.add_argument("--input", nargs="+", required=True, metavar="FILE", help="UTF-8 text files")
+    p.add_argument("--vocab-size", type=int, required=True, metavar="N",
+                   help=f"total ids incl. 256 bytes and {NUM_RESERVED_SPECIAL} reserved special ids")
+    p.add_argument("--output", required=True, metavar="PATH", help="tokenizer JSON to write")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("encode", help="text -> token ids, one per line")
+    p.add_argument("--tokenizer", required=True, metavar="PATH")
+    p.add_argument("--input", default="-", metavar="FILE", help="text file (default: stdin)")
+    p.add_argument("--output", default=None, metavar="FILE", help="default: stdout")
+    p.add_argument("--special", action="store_true",
+                   help="turn <|endoftext|> etc. into special ids (trusted text only)")
+    p.set_defaults(func=_cmd_encode)
+
+    p = sub.add_parser("decode", help="token ids (whitespace-separated) -> text")
+    p.add_argument("--tokenizer", required=True, metavar="PATH")
+    p.add_argument("--input", default="-", metavar="FILE", help="file of ids (default: stdin)")
+    p.add_argument("--output", default=None, metavar="FILE", help="default: stdout")
+    p.set_defaults(func=_cmd_decode)
+
+    p = sub.add_parser("stats", help="bytes per token and a lossless check on text files")
+    p.add_argument("--tokenizer", required=True, metavar="PATH")
+    p.add_argument("--input", nargs="+", required=True, metavar="FILE")
+    p.set_defaults(func=_cmd_stats)
+
+    p = sub.add_parser("export", help="write a Hugging Face tokenizer.json or tiktoken ranks")
+    p.add_argument("--tokenizer", required=True, metavar="PATH")
+    p.add_argument("--format", required=True, choices=["hf", "tiktoken"])
+    p.add_argument("--output", required=True, metavar="PATH")
+    p.set_defaults(func=_cmd_export)
+
+    args = parser.parse_args(argv)
+    args.func(args)
+
+
+if __name__ == "__main__":
+    from src.utils.cli import run_cli
+
+    run_cli(main)
