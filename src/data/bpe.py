@@ -533,9 +533,10 @@ def _load(path: str) -> BPETokenizer:
 
 
 def _write_output(path: str | None, text: str) -> None:
-    if path is None or path == "-":
-        sys.stdout.write(text)
+    if path is None or path == "-":  # bytes: exact UTF-8 whatever the locale, no newline mapping
         sys.stdout.flush()
+        sys.stdout.buffer.write(text.encode("utf-8"))
+        sys.stdout.buffer.flush()
     else:
         write_text_atomic(path, text)
 
