@@ -56,7 +56,7 @@ from src.utils.cli import UserError
 
 # Share of a time budget kept for evaluations, checkpoints and the final save.
 BUDGET_RESERVE = 0.08
-CALIBRATION_STEPS = 8  # steps timed (after the first) before a time budget plans max_steps
+CALIBRATION_STEPS = 5  # steps timed (after the first) before a time budget plans max_steps
 
 
 class NonFiniteLoss(UserError):
@@ -100,26 +100,46 @@ def default_run_dir(cfg: TrainConfig, resume: bool) -> Path:
 
 
 def resolve_for_resume(cfg: TrainConfig, explicit: dict[str, Any]) -> TrainConfig:
-    """On --resume, the run's saved config is the base and only explicit settings change it."""
-    saved = Path(cfg.run_dir) / "config.json"
-    if not (cfg.resume and saved.is_file()):
+    """For ``train.py --resume``: the run's saved config.json is the base, and only settings given
+    explicitly now (flags, --config) change it. ``stop_at_step`` applies to one invocation only.
+    Without --resume, or for a run with no saved config yet, ``cfg`` is returned as is."""
+    if not cfg.resume:
         return cfg
+    run_dir = Path(cfg.run_dir) if cfg.run_dir else default_run_dir(cfg, resume=True)
+    saved = run_dir / "config.json"
+    if not saved.is_file():
+        return make_config({**cfg.to_dict(), "run_dir": str(run_dir)})
     base = json.loads(saved.read_text(encoding="utf-8"))
     shape = ("preset", "context_length", "n_layer", "n_head", "n_kv_head", "d_model", "d_ff", "optimizer")
     for key in shape:
         if key in explicit and explicit[key] != base.get(key):
             raise UserError(f"--{key.replace('_', '-')} {explicit[key]} differs from the run being "
                             f"resumed ({base.get(key)}); start a new --run-dir instead")
-    return make_config({**explicit, "run_dir": cfg.run_dir, "resume": True}, base=base)
+    base.update(stop_at_step=None, run_dir=str(run_dir), resume=True)
+    return make_config(explicit, base=base)
+
+
+def plan_steps(step: int, per_step: float, eval_tokens: int, tokens_per_step: int,
+               eval_interval: int, spent: float, budget_s: float, warmup_steps: int,
+               max_steps: int) -> int:
+    """How many steps fit a time budget: the steps left after ``spent`` seconds, each costing
+    ``per_step`` plus its share of evaluation (a forward pass over ``eval_tokens`` costs about a
+    third of a training step over as many tokens, every ``eval_interval`` steps), keeping
+    BUDGET_RESERVE of the budget for checkpoints. Never less than warmup + 1 or step + 1, never
+    more than ``max_steps``."""
+    eval_cost = per_step * eval_tokens / tokens_per_step / 3
+    left = budget_s * (1 - BUDGET_RESERVE) - spent
+    fit = int(left / (per_step + eval_cost / eval_interval))
+    return min(max(step + fit, warmup_steps + 1, step + 1), max_steps)
 
 
 def train(
     cfg: TrainConfig,
-    explicit: dict[str, Any] | None = None,
     *,
     loss_hook: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
 ) -> dict[str, Any]:
-    """Run (or resume) training as configured. Returns a summary (run_dir, step, losses).
+    """Run (or resume, with ``cfg.resume``) training exactly as ``cfg`` says. Returns a summary
+    (run_dir, step, best_val_loss, last_loss, end_reason, max_steps).
 
     ``loss_hook(step, loss)`` lets tests alter the logged loss of a step (e.g. inject a NaN).
     Raises UserError (incl. NonFiniteLoss) with a one-line message on a user-facing problem.
@@ -130,13 +150,12 @@ def train(
     if device.type == "cuda" and dist_info.enabled:
         device = torch.device("cuda", dist_info.local_rank)
     try:
-        return _train(cfg, explicit or {}, device, dist_info, loss_hook)
+        return _train(cfg, device, dist_info, loss_hook)
     finally:
         shutdown_distributed()
 
 
-def _train(cfg: TrainConfig, explicit: dict[str, Any], device: torch.device, dist_info: DistInfo,
-           loss_hook) -> dict[str, Any]:
+def _train(cfg: TrainConfig, device: torch.device, dist_info: DistInfo, loss_hook) -> dict[str, Any]:
     main = dist_info.is_main
     log = print if main else (lambda *a, **k: None)
     amp_dtype = pick_dtype(cfg.dtype, device)
@@ -161,7 +180,6 @@ def _train(cfg: TrainConfig, explicit: dict[str, Any], device: torch.device, dis
     comm_device = device if device.type == "cuda" else torch.device("cpu")  # NCCL needs CUDA tensors
     run_dir = Path(broadcast_str(str(run_dir), dist_info, comm_device))
     cfg.run_dir = str(run_dir)
-    cfg = resolve_for_resume(cfg, explicit)
     resume_from = ckpt_io.latest_checkpoint(run_dir) if cfg.resume else None
     if cfg.resume and resume_from is None:
         log(f"--resume: no checkpoint in {run_dir} yet, starting fresh")
@@ -210,17 +228,17 @@ def _train(cfg: TrainConfig, explicit: dict[str, Any], device: torch.device, dis
 
     # ---- 5. resume -------------------------------------------------------------------------
     step, tokens_seen, elapsed_before = 0, 0, 0.0
-    best_val, planned_steps = math.inf, None
+    best_val = math.inf
+    planned_steps: int | None = None  # set by a time budget once the speed is measured
     if resume_from is not None:
         state = ckpt_io.load_checkpoint(resume_from, raw_model, optimizers)
         step, tokens_seen = state["step"], state["tokens_seen"]
         elapsed_before = state.get("train_seconds", 0.0)
         best_val = state.get("best_val_loss") or math.inf
-        planned_steps = state.get("planned_steps")
+        # A time budget's plan holds across resumes; without a budget, --max-steps decides.
+        planned_steps = state.get("planned_steps") if cfg.time_budget else None
         loader.load_state_dict(state["loader"])
         log(f"resumed from {resume_from} (step {step})")
-    if planned_steps is None and not cfg.time_budget:
-        planned_steps = cfg.max_steps
     max_steps = lambda: planned_steps if planned_steps is not None else cfg.max_steps  # noqa: E731
 
     n_params = raw_model.num_params()
@@ -237,7 +255,8 @@ def _train(cfg: TrainConfig, explicit: dict[str, Any], device: torch.device, dis
     tb = TensorBoard(run_dir / "tensorboard", cfg.tensorboard and main)
     flops_per_token = raw_model.flops_per_token()
     peak = peak_flops(device, cfg.peak_tflops)
-    autocast = (torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext)
+    def autocast():
+        return torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext()
     scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
     eval_tokens = val_tokens if cfg.eval_tokens == 0 else val_tokens[: cfg.eval_tokens + 1]
     eval_bytes = len(tokenizer.decode_bytes(np.asarray(eval_tokens[1:]).tolist()))
@@ -344,16 +363,15 @@ def _train(cfg: TrainConfig, explicit: dict[str, Any], device: torch.device, dis
                     t_calib = time.time()  # the first step pays one-off costs: not timed
                 elif step == start_step + 1 + CALIBRATION_STEPS:
                     per_step = (time.time() - t_calib) / CALIBRATION_STEPS
-                    eval_cost = per_step * len(eval_tokens) / tokens_per_step / 3  # forward only
-                    spent = elapsed_before + time.time() - t_start
-                    left = cfg.time_budget * 60 * (1 - BUDGET_RESERVE) - spent
-                    fit = int(left / (per_step + eval_cost / cfg.eval_interval))
-                    planned_steps = max(step + fit, cfg.warmup_steps + 1, step + 1)
-                    planned_steps = min(planned_steps, cfg.max_steps)
+                    planned_steps = plan_steps(
+                        step, per_step, len(eval_tokens), tokens_per_step, cfg.eval_interval,
+                        elapsed_before + time.time() - t_start, cfg.time_budget * 60,
+                        cfg.warmup_steps, cfg.max_steps)
                     planned_steps = int(broadcast_str(str(planned_steps), dist_info, comm_device))
                     bar.total = planned_steps
-                    bar.write(f"time budget {cfg.time_budget:g} min: {per_step:.2f} s/step -> "
-                              f"planned {planned_steps} steps") if main else None
+                    if main:
+                        bar.write(f"time budget {cfg.time_budget:g} min: {per_step:.2f} s/step -> "
+                                  f"planned {planned_steps} steps")
 
             finished = step >= max_steps()
             val_loss, is_best = None, False

@@ -1,0 +1,335 @@
+"""The training loop: exact resume, interruptions, guards, metrics, config and schedules."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from src.training import checkpoint as ck
+from src.training.config import (
+    PRESETS,
+    TrainConfig,
+    build_parser,
+    load_config_file,
+    make_config,
+    resolve_config,
+)
+from src.training.optim import build_optimizers, lr_at
+from src.training.trainer import BUDGET_RESERVE, NonFiniteLoss, plan_steps, train
+from src.utils.cli import UserError
+from tests.fixtures import make_token_data, tiny_config
+
+ROOT = Path(__file__).resolve().parents[1]
+# One thread: tiny models gain nothing from two, and the shared cores stay free for others.
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return make_token_data(tmp_path_factory.mktemp("data"))
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def train_losses(run_dir: Path) -> list[tuple[int, float]]:
+    return [(r["step"], r["loss"]) for r in read_metrics(run_dir) if "loss" in r]
+
+
+# ---------------------------------------------------------------------------------------------
+# Exact resume
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_resume_is_bit_identical(data_dir, tmp_path, dtype):
+    # Dropout on and gradient accumulation on: RNG and data position must both be restored.
+    common = dict(max_steps=6, eval_interval=3, dropout=0.1, tokens_per_step=2 * 4 * 64, dtype=dtype)
+    straight = train(tiny_config(data_dir, tmp_path / "a", **common))["run_dir"]
+    train(tiny_config(data_dir, tmp_path / "b", stop_at_step=3, **common))
+    assert ck.latest_checkpoint(tmp_path / "b").name == "step_0000003"
+    assert max(s for s, _ in train_losses(tmp_path / "b")) == 3
+    train(tiny_config(data_dir, tmp_path / "b", resume=True, **common))
+    a, b = train_losses(straight), train_losses(tmp_path / "b")
+    assert [s for s, _ in a] == list(range(1, 7))
+    assert a == b  # exact float equality, step by step
+    val_a = [r["val_loss"] for r in read_metrics(straight) if "val_loss" in r]
+    val_b = [r["val_loss"] for r in read_metrics(tmp_path / "b") if "val_loss" in r]
+    assert val_a == val_b and len(val_a) == 2
+    wa = load_file(str(ck.latest_checkpoint(straight) / "model.safetensors"))
+    wb = load_file(str(ck.latest_checkpoint(tmp_path / "b") / "model.safetensors"))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_resume_without_checkpoint_starts_fresh(data_dir, tmp_path, capsys):
+    train(tiny_config(data_dir, tmp_path / "r", resume=True, max_steps=2))
+    assert "starting fresh" in capsys.readouterr().out
+    assert ck.latest_checkpoint(tmp_path / "r").name == "step_0000002"
+    # Training into a run that has checkpoints without --resume is refused.
+    with pytest.raises(UserError, match="--resume"):
+        train(tiny_config(data_dir, tmp_path / "r", max_steps=2))
+
+
+def test_resume_with_other_tokenizer_is_refused(data_dir, tmp_path):
+    train(tiny_config(data_dir, tmp_path / "r", max_steps=2))
+    other = make_token_data(tmp_path / "other", vocab_size=290)
+    with pytest.raises(UserError, match="tokenizer"):
+        train(tiny_config(other, tmp_path / "r", max_steps=4, resume=True))
+
+
+# ---------------------------------------------------------------------------------------------
+# Guards and interruptions
+
+
+def test_non_finite_loss_stops_and_keeps_last_checkpoint(data_dir, tmp_path):
+    def inject(step, loss):
+        return loss * float("nan") if step == 4 else loss  # step index 4 = the 5th step
+
+    cfg = tiny_config(data_dir, tmp_path / "r", max_steps=10, checkpoint_interval=2, eval_interval=100)
+    with pytest.raises(NonFiniteLoss, match=r"non-finite loss at step 5.*step_0000004"):
+        train(cfg, loss_hook=inject)
+    latest = ck.latest_checkpoint(tmp_path / "r")
+    assert latest.name == "step_0000004"
+    model, _, info = ck.load_model(tmp_path / "r")
+    assert info["step"] == 4
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    # The run resumes from it normally.
+    assert train(tiny_config(data_dir, tmp_path / "r", max_steps=6, resume=True))["step"] == 6
+
+
+def test_huge_lr_stops_with_clear_message(data_dir, tmp_path):
+    cfg = tiny_config(data_dir, tmp_path / "r", max_steps=30, lr=1e30, warmup_steps=0, grad_clip=0.0,
+                      checkpoint_interval=1, eval_interval=1000)
+    with pytest.raises(NonFiniteLoss, match="non-finite .* at step .*Last good checkpoint") as exc:
+        train(cfg)
+    assert "\n" not in str(exc.value)
+    _, _, info = ck.load_model(tmp_path / "r")  # the last good checkpoint loads
+    assert info["step"] >= 1
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_in_process_saves_and_returns(data_dir, tmp_path, sig):
+    def send(step, loss):
+        if step == 2:
+            os.kill(os.getpid(), sig)  # arrives mid-run, like Ctrl-C
+        return loss
+
+    res = train(tiny_config(data_dir, tmp_path / "r", max_steps=50, eval_interval=100), loss_hook=send)
+    assert res["step"] == 3 and "interrupted" in res["end_reason"] and sig.name in res["end_reason"]
+    assert ck.latest_checkpoint(tmp_path / "r").name == "step_0000003"
+    assert signal.getsignal(sig) is not None  # handlers restored
+    assert train(tiny_config(data_dir, tmp_path / "r", max_steps=5, resume=True))["step"] == 5
+
+
+@pytest.mark.slow
+def test_sigterm_to_real_process_saves_checkpoint_and_exits_cleanly(data_dir, tmp_path):
+    sig = signal.SIGTERM
+    run = tmp_path / "r"
+    proc = subprocess.Popen(
+        [sys.executable, "train.py", "--preset", "tiny", "--data", str(data_dir), "--run-dir", str(run),
+         "--max-steps", "100000", "--seed", "0", "--no-progress", "--no-tensorboard", "--no-plot",
+         "--eval-interval", "100000", "--batch-size", "4", "--tokens-per-step", "256"],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV,
+    )
+    metrics = run / "metrics.jsonl"
+    deadline = time.time() + 60
+    while time.time() < deadline and not (metrics.is_file() and metrics.read_text().count("\n") >= 3):
+        time.sleep(0.1)
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert "interrupted" in out and "Traceback" not in err
+    last_step = train_losses(run)[-1][0]
+    assert ck.latest_checkpoint(run).name == ck.checkpoint_name(last_step)
+    assert ck.read_state(ck.latest_checkpoint(run))["step"] == last_step
+
+
+# ---------------------------------------------------------------------------------------------
+# Observability
+
+
+def test_metrics_plot_and_tensorboard(data_dir, tmp_path):
+    pytest.importorskip("matplotlib")
+    cfg = tiny_config(data_dir, tmp_path / "r", max_steps=4, eval_interval=2, plot=True, tensorboard=True)
+    train(cfg)
+    records = read_metrics(tmp_path / "r")
+    steps = [r for r in records if "loss" in r]
+    evals = [r for r in records if "val_loss" in r]
+    assert [r["step"] for r in steps] == [1, 2, 3, 4]
+    for r in steps:
+        assert {"step", "loss", "lr", "tokens", "tokens_per_s"} <= set(r)
+        assert math.isfinite(r["loss"]) and r["tokens"] == r["step"] * 256
+    assert [r["step"] for r in evals] == [2, 4]
+    for r in evals:
+        assert r["val_ppl"] == pytest.approx(math.exp(r["val_loss"]))
+        assert 0 < r["val_bpb"] < 10
+    assert (tmp_path / "r" / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    saved = json.loads((tmp_path / "r" / "config.json").read_text())
+    assert saved["max_steps"] == 4 and saved["preset"] == "tiny"
+    assert (tmp_path / "r" / "tokenizer.json").read_bytes() == (data_dir / "tokenizer.json").read_bytes()
+    try:
+        import tensorboard  # noqa: F401
+    except ImportError:
+        return
+    assert list((tmp_path / "r" / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_muon_trains(data_dir, tmp_path):
+    res = train(tiny_config(data_dir, tmp_path / "m", optimizer="muon", max_steps=12, eval_interval=6,
+                            lr=0.01, warmup_steps=2))
+    losses = [loss for _, loss in train_losses(res["run_dir"])]
+    assert losses[-1] < losses[0] - 0.5
+    state = ck.read_state(ck.latest_checkpoint(res["run_dir"]))
+    assert state["optimizers"] == ["Muon", "AdamW"]
+
+
+def test_time_budget_plans_steps():
+    # 0.1 s/step, evaluation costs a third of a step per training-step-sized chunk, every 10 steps.
+    n = plan_steps(step=9, per_step=0.1, eval_tokens=1000, tokens_per_step=1000, eval_interval=10,
+                   spent=2.0, budget_s=100.0, warmup_steps=5, max_steps=10**6)
+    assert n == 9 + int((100 * (1 - BUDGET_RESERVE) - 2.0) / (0.1 + 0.1 / 3 / 10))
+    assert plan_steps(step=9, per_step=0.1, eval_tokens=0, tokens_per_step=1000, eval_interval=10,
+                      spent=2.0, budget_s=100.0, warmup_steps=5, max_steps=50) == 50
+    # Out of time already: at least finish the warmup and one more step.
+    assert plan_steps(step=9, per_step=5.0, eval_tokens=0, tokens_per_step=1000, eval_interval=10,
+                      spent=99.0, budget_s=100.0, warmup_steps=20, max_steps=1000) == 21
+
+
+def test_time_budget_in_the_loop(data_dir, tmp_path):
+    res = train(tiny_config(data_dir, tmp_path / "t", max_steps=12, time_budget=1000.0, eval_interval=100))
+    assert res["step"] == res["max_steps"] == 12
+    assert ck.read_state(ck.latest_checkpoint(tmp_path / "t"))["planned_steps"] == 12
+
+
+# ---------------------------------------------------------------------------------------------
+# Config
+
+
+def test_presets_and_overrides(tmp_path):
+    for name in PRESETS:
+        cfg = make_config({"preset": name})
+        assert cfg.preset == name
+    cfg, explicit = resolve_config(["--preset", "tiny", "--lr", "1e-3", "--no-plot", "--max-steps", "7"])
+    assert cfg.lr == 1e-3 and cfg.plot is False and cfg.max_steps == 7 and cfg.batch_size == PRESETS["tiny"]["batch_size"]
+    assert explicit["lr"] == 1e-3
+    # An explicit --max-steps turns the small preset's time budget off; without it, it stays.
+    assert resolve_config(["--max-steps", "10"])[0].time_budget is None
+    assert resolve_config([])[0].time_budget == TrainConfig().time_budget > 0
+    # Config file (YAML and JSON), overridden by flags.
+    y = tmp_path / "c.yaml"
+    y.write_text("preset: tiny\nlr: 0.01\nschedule: wsd\nbatch-size: 3\n")
+    cfg, _ = resolve_config(["--config", str(y), "--lr", "0.02"])
+    assert (cfg.preset, cfg.lr, cfg.schedule, cfg.batch_size) == ("tiny", 0.02, "wsd", 3)
+    j = tmp_path / "c.json"
+    j.write_text(json.dumps({"optimizer": "muon", "warmup_steps": 0}))
+    assert load_config_file(j) == {"optimizer": "muon", "warmup_steps": 0}
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--lr", "-1"], "lr"),
+        (["--lr", "abc"], "lr must be float"),
+        (["--batch-size", "0"], "batch_size"),
+        (["--dropout", "1.5"], "dropout"),
+        (["--device", "tpu"], "device"),
+        (["--beta2", "1.0"], "beta"),
+        (["--time-budget", "-3"], "time_budget"),
+    ],
+)
+def test_invalid_values_are_user_errors(argv, message):
+    with pytest.raises(UserError, match=message):
+        resolve_config(argv)
+
+
+def test_bad_config_files(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("nonsense_key: 3\n")
+    with pytest.raises(UserError, match="unknown setting 'nonsense_key'"):
+        resolve_config(["--config", str(bad)])
+    bad.write_text("lr: [1, 2\n")
+    with pytest.raises(UserError, match="not valid"):
+        resolve_config(["--config", str(bad)])
+    with pytest.raises(UserError, match="does not exist"):
+        resolve_config(["--config", str(tmp_path / "missing.json")])
+
+
+def test_help_lists_every_field():
+    text = build_parser().format_help()
+    for f in TrainConfig.__dataclass_fields__:
+        assert "--" + f.replace("_", "-") in text
+
+
+def test_cli_without_data_says_how_to_prepare(tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), "--data", str(tmp_path / "none")],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=60, env=ENV)
+    assert proc.returncode == 2
+    assert "prepare_data.py" in proc.stderr and "Traceback" not in proc.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# Optimiser and schedules
+
+
+def test_schedules():
+    cfg = make_config({"preset": "tiny", "lr": 1.0, "min_lr_ratio": 0.1, "warmup_steps": 10, "max_steps": 110})
+    assert lr_at(0, cfg) == pytest.approx(0.1) and lr_at(9, cfg) == pytest.approx(1.0)
+    assert lr_at(10, cfg) == pytest.approx(1.0) and lr_at(109, cfg) == pytest.approx(0.1)
+    mids = [lr_at(s, cfg) for s in range(10, 110)]
+    assert all(a >= b for a, b in zip(mids, mids[1:]))  # monotone decay
+    wsd = make_config({"preset": "tiny", "lr": 1.0, "min_lr_ratio": 0.0, "warmup_steps": 10, "max_steps": 110,
+                       "schedule": "wsd", "decay_fraction": 0.2})
+    assert [lr_at(s, wsd) for s in (10, 50, 87)] == [1.0, 1.0, 1.0]
+    decay = [lr_at(s, wsd) for s in range(88, 110)]  # the last 20% (22 steps) decay linearly
+    assert decay[0] < 1.0 and decay[-1] == pytest.approx(0.0)
+    assert all(a - b == pytest.approx(1 / 22) for a, b in zip(decay, decay[1:]))
+    const = make_config({"preset": "tiny", "schedule": "constant", "lr": 0.5, "warmup_steps": 0})
+    assert lr_at(1000, const) == 0.5
+
+
+def test_weight_decay_on_matrices_only():
+    from src.model.gpt import GPT, GPTConfig
+
+    model = GPT(GPTConfig.from_preset("tiny", vocab_size=300))
+    cfg = make_config({"preset": "tiny", "weight_decay": 0.1})
+    (adamw,) = build_optimizers(model, cfg)
+    decayed = {id(p) for g in adamw.param_groups if g["weight_decay"] > 0 for p in g["params"]}
+    for name, p in model.named_parameters():
+        assert (id(p) in decayed) == (p.ndim == 2), name
+    assert sum(p.numel() for g in adamw.param_groups for p in g["params"]) == model.num_params()
+    muon, adam2 = build_optimizers(model, make_config({"preset": "tiny", "optimizer": "muon"}))
+    muon_ids = {id(p) for g in muon.param_groups for p in g["params"]}
+    assert muon_ids and all(p.ndim == 2 for g in muon.param_groups for p in g["params"])
+    assert id(model.tok_emb.weight) not in muon_ids
+    total = sum(p.numel() for o in (muon, adam2) for g in o.param_groups for p in g["params"])
+    assert total == model.num_params()
+
+
+def test_entry_point_runs_tiny(data_dir, tmp_path):
+    """train.py end to end as a user types it, then --resume continues to a longer schedule."""
+    run = tmp_path / "cli"
+    args = [sys.executable, "train.py", "--preset", "tiny", "--data", str(data_dir), "--run-dir", str(run),
+            "--max-steps", "3", "--seed", "1", "--no-progress", "--no-tensorboard", "--no-plot"]
+    proc = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=120,
+                          env=ENV)
+    assert proc.returncode == 0, proc.stderr
+    assert f"saved to {run}" in proc.stdout and "python chat.py --run" in proc.stdout
+    assert ck.latest_checkpoint(run).name == "step_0000003"
