@@ -227,13 +227,26 @@ def test_encode_batch_returns_arrays(tok):
     assert [a.tolist() for a in arrays] == [tok.encode(t) for t in texts]
 
 
+def test_encode_batch_cuts_long_texts(tok, monkeypatch):
+    from src.data import bpe_batch
+
+    monkeypatch.setattr(bpe_batch, "PARALLEL_MIN_CHARS", 1000)
+    monkeypatch.setattr(bpe_batch, "GROUP_CHARS", 500)
+    long_text = "".join(f"line {i}: {CORPUS[i % 4]}\n" for i in range(40))
+    texts = ["", long_text, "x", long_text * 2]
+    assert [a.tolist() for a in tok.encode_batch(texts, num_workers=2)] == [tok.encode(t) for t in texts]
+    with pytest.raises(ValueError, match="lone surrogate"):
+        tok.encode_batch(["fine", "bad \udfff"], num_workers=2)
+
+
 def test_encode_batch_in_worker_processes(py_tok, monkeypatch):
-    import src.data.bpe as bpe
+    long_text = "".join(f"line {i}: {CORPUS[i % 4]}\n" for i in range(60))
+    from src.data import bpe_batch
 
     # Shrink the thresholds so a small batch is cut into pieces and sent to 2 processes.
-    monkeypatch.setattr(bpe, "_PARALLEL_MIN_CHARS", 1000)
-    monkeypatch.setattr(bpe, "_GROUP_CHARS", 700)
-    long_text = "".join(f"line {i}: {CORPUS[i % 4]}\n" for i in range(60))
+    monkeypatch.setattr(bpe_batch, "PARALLEL_MIN_CHARS", 1000)
+    monkeypatch.setattr(bpe_batch, "GROUP_CHARS", 700)
+    assert len(bpe_batch.split_work([long_text], py_tok.pattern, 700)) > 5
     texts = [long_text, "", "short one", long_text[:999]]
     arrays = py_tok.encode_batch(texts, num_workers=2)
     assert [a.tolist() for a in arrays] == [py_tok.encode(t) for t in texts]

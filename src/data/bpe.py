@@ -26,7 +26,6 @@ from __future__ import annotations
 import codecs
 import hashlib
 import json
-import multiprocessing
 import os
 import sys
 import warnings
@@ -40,7 +39,8 @@ if __name__ == "__main__":  # run as a file: put the repository root on sys.path
 import numpy as np
 import regex
 
-from src.data.bpe_train import SPLIT_PATTERN, count_chunks, iter_blocks, learn_merges
+from src.data import bpe_batch
+from src.data.bpe_train import SPLIT_PATTERN, count_chunks, learn_merges
 from src.data.special_tokens import NUM_RESERVED_SPECIAL, SPECIAL_TOKENS
 from src.utils.atomic import write_text_atomic
 from src.utils.cli import UserError
@@ -50,8 +50,6 @@ FORMAT_VERSION = 1
 BACKEND_ENV = "GPT_MODEL_BPE_BACKEND"  # "auto" (default), "python" or "tiktoken"
 _MAX_CACHE_ENTRIES = 1 << 20  # the chunk cache is emptied when it grows past this
 _SHORT_CHUNK = 64  # bytes; longer chunks use the linear-per-round merge loop
-_PARALLEL_MIN_CHARS = 1 << 20  # smaller batches are not worth starting processes for
-_GROUP_CHARS = 1 << 19  # characters per work item sent to a worker process
 _NO_RANK = 1 << 62  # rank of a pair that is not a merge
 
 
@@ -87,6 +85,7 @@ class BPETokenizer:
         self._num_base = len(vocab)  # bytes + merges
         self.special_tokens: dict[str, int] = {s: self._num_base + i for i, s in enumerate(special_tokens)}
         self._special_bytes = {i: s.encode("utf-8") for s, i in self.special_tokens.items()}
+        self._special_set = frozenset(self.special_tokens)
         self.vocab: list[bytes] = vocab  # token bytes of every non-special id
         self._cache: dict[str, tuple[int, ...]] = {}
         self._fast = _UNSET
@@ -166,43 +165,34 @@ class BPETokenizer:
         self._fast = _UNSET
 
     def _tiktoken(self):
-        """The verified tiktoken.Encoding of this tokenizer, or None (built once, lazily)."""
+        """The verified tiktoken core encoder of this tokenizer, or None (built once, lazily).
+
+        Before first use it is compared with the reference encoder on probe texts
+        (``bpe_interop.fast_path_mismatch``); any difference disables it with a warning.
+        """
         if self._fast is _UNSET:
             self._fast = None
-            if self._backend_preference != "python":
-                try:
-                    from src.data.bpe_interop import to_tiktoken
-                    enc = to_tiktoken(self)
-                except ImportError:
-                    if self._backend_preference == "tiktoken":
-                        raise
-                    return None
-                mismatch = self._check_fast_path(enc)
-                if mismatch is not None:
-                    message = f"tiktoken fast path disabled: it encodes {mismatch!r} differently"
-                    if self._backend_preference == "tiktoken":
-                        raise ValueError(message)
-                    warnings.warn(message, stacklevel=3)
-                    return None
-                self._fast = enc
+            if self._backend_preference == "python":
+                return None
+            from src.data import bpe_interop
+
+            try:
+                enc = bpe_interop.to_tiktoken(self)
+            except ImportError:
+                if self._backend_preference == "tiktoken":
+                    raise
+                return None
+            mismatch = bpe_interop.fast_path_mismatch(enc, self._encode_python, self.vocab)
+            if mismatch is not None:
+                message = f"tiktoken fast path disabled: {mismatch}"
+                if self._backend_preference == "tiktoken":
+                    raise ValueError(message)
+                warnings.warn(message, stacklevel=3)
+                return None
+            # The core's methods raise UnicodeEncodeError on a lone surrogate, where the
+            # public tiktoken API would silently replace it.
+            self._fast = enc._core_bpe
         return self._fast
-
-    def _check_fast_path(self, enc) -> str | None:
-        """Compare tiktoken with the reference encoder on probe texts; first mismatch or None.
-
-        The probes are every 16th token of the vocabulary glued to its neighbours (where a
-        differently ranked split of a token would show) and texts exercising each part of
-        the split pattern with unusual whitespace, digits, marks and emoji.
-        """
-        probes = list(_PROBE_TEXTS)
-        strings = [t.decode("utf-8", errors="ignore") for t in self.vocab[256:]]
-        for i in range(0, len(strings), 16):
-            probes.append("".join(strings[i : i + 3]))
-            probes.append(strings[i] + " " + strings[-1 - i])
-        for text in probes:
-            if enc.encode_ordinary(text) != self._encode_python(text):
-                return text
-        return None
 
     def _encode_chunk(self, chunk: str) -> list[int]:
         """Token ids of one chunk: merge the lowest-rank adjacent pair until none is left."""
@@ -257,11 +247,14 @@ class BPETokenizer:
 
         Raises ValueError if ``text`` holds a lone surrogate (not valid Unicode).
         """
-        enc = self._tiktoken()
-        if enc is None:
+        fast = self._tiktoken()
+        if fast is None:
             return self._encode_python(text)
-        _check_unicode(text)
-        return enc.encode_ordinary(text)
+        try:
+            return fast.encode_ordinary(text)
+        except UnicodeEncodeError:
+            _check_unicode(text)
+            raise
 
     def encode_with_special(self, text: str) -> list[int]:
         """Like :meth:`encode`, but the special-token strings become their ids.
@@ -269,10 +262,13 @@ class BPETokenizer:
         Only for trusted text (e.g. a data file written by this project); never for text
         typed by a user.
         """
-        enc = self._tiktoken()
-        if enc is not None:
-            _check_unicode(text)
-            return enc.encode(text, allowed_special="all")
+        fast = self._tiktoken()
+        if fast is not None:
+            try:
+                return fast.encode(text, self._special_set)
+            except UnicodeEncodeError:
+                _check_unicode(text)
+                raise
         if self._special_split is None:
             return self.encode(text)
         out: list[int] = []
@@ -287,41 +283,23 @@ class BPETokenizer:
         """Encode many texts (plain :meth:`encode`), each as a numpy array.
 
         dtype is uint16 when ``vocab_size <= 65536`` (the dtype of the token files), else
-        uint32. ``num_workers`` threads (tiktoken) or processes (python backend) share the
-        work; default: all CPUs; 0 or 1: this process only. Long texts are cut at safe chunk
-        boundaries, so even one big text is shared out. Small batches stay in this process.
+        uint32. ``num_workers`` threads (tiktoken backend) or processes (python backend)
+        share the work, long texts included (see bpe_batch.py); default: all CPUs; 0 or 1:
+        this process only. Batches under 1 MB stay in this process on the python backend.
         """
         dtype = np.uint16 if self.vocab_size <= 65536 else np.uint32
         workers = (os.cpu_count() or 1) if num_workers is None else max(1, num_workers)
-        enc = self._tiktoken()
-        if enc is not None:
-            for text in texts:
-                _check_unicode(text)
-            lists = enc.encode_ordinary_batch(texts, num_threads=workers)
-            return [np.asarray(ids, dtype=dtype) for ids in lists]
-        total = sum(map(len, texts))
-        if workers <= 1 or total < _PARALLEL_MIN_CHARS:
+        fast = self._tiktoken()
+        if fast is not None:
+            try:
+                return bpe_batch.encode_in_threads(fast.encode_ordinary, self.pattern, texts, workers, dtype)
+            except UnicodeEncodeError:
+                for text in texts:
+                    _check_unicode(text)
+                raise
+        if workers <= 1 or sum(map(len, texts)) < bpe_batch.PARALLEL_MIN_CHARS:
             return [np.asarray(self._encode_python(t), dtype=dtype) for t in texts]
-        # Work items: (text index, piece); groups of about _GROUP_CHARS go to a worker.
-        cut = self.pattern == SPLIT_PATTERN  # iter_blocks' safe cuts hold for this pattern
-        groups: list[list[tuple[int, str]]] = [[]]
-        size = 0
-        for ti, text in enumerate(texts):
-            for piece in iter_blocks(text, _GROUP_CHARS) if cut else (text,):
-                if size >= _GROUP_CHARS:
-                    groups.append([])
-                    size = 0
-                groups[-1].append((ti, piece))
-                size += len(piece)
-        parts: list[list[np.ndarray]] = [[] for _ in texts]
-        method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-        ctx = multiprocessing.get_context(method)
-        state = (self.merges, self.pattern, list(self.special_tokens), dtype)
-        with ctx.Pool(min(workers, len(groups)), initializer=_init_worker, initargs=(state,)) as pool:
-            for group, arrays in zip(groups, pool.imap(_encode_group, groups)):
-                for (ti, _), arr in zip(group, arrays):
-                    parts[ti].append(arr)
-        return [p[0] if len(p) == 1 else np.concatenate(p) if p else np.zeros(0, dtype) for p in parts]
+        return bpe_batch.encode_in_processes(self, texts, workers, dtype)
 
     # ------------------------------------------------------------------ decoding
     def token_bytes(self, token_id: int) -> bytes:
@@ -427,14 +405,7 @@ class BPETokenizer:
 
 
 # ---------------------------------------------------------------------- helpers
-_UNSET = object()
-# Texts that exercise every alternative of the split pattern and the whitespace, digit and
-# letter classes where regex engines could disagree (checked against tiktoken before use).
-_PROBE_TEXTS = (
-    "Hello, world! It's 12345 o'clock; we'RE 'LL 'Ve done.\r\n\r\n  spaced   out  \n",
-    "\t\x0b\x0c\x1c\x1d\x1e\x1f\x85\xa0\u1680\u2000\u2028\u2029\u202f\u205f\u3000 x \u200b\ufeff",
-    "naïve café e\u0301 東京 ٣٤٥ ²³ Ⅻ ½ 𝟙𝟚 😀👍🏽🇫🇷 \x00\x7f ...!!! ?? --- \n\n\n",
-)
+_UNSET = object()  # "not built yet" marker of the lazy fast path
 
 
 def _surrogate_error(text: str, pos: int) -> ValueError:
@@ -451,23 +422,6 @@ def _check_unicode(text: str) -> None:
             text.encode("utf-8")
         except UnicodeEncodeError as exc:
             raise _surrogate_error(text, exc.start) from None
-
-
-_worker_tok: BPETokenizer | None = None
-_worker_dtype = np.uint16
-
-
-def _init_worker(state) -> None:
-    """Build the worker's own tokenizer once (python backend: the reference encoder)."""
-    global _worker_tok, _worker_dtype
-    merges, pattern, specials, _worker_dtype = state
-    _worker_tok = BPETokenizer(merges, pattern=pattern, special_tokens=specials)
-    _worker_tok.backend_preference = "python"
-
-
-def _encode_group(group: list[tuple[int, str]]) -> list[np.ndarray]:
-    assert _worker_tok is not None
-    return [np.asarray(_worker_tok._encode_python(piece), dtype=_worker_dtype) for _, piece in group]
 
 
 def _content_hash(content: dict) -> str:

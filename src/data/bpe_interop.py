@@ -16,6 +16,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+from collections.abc import Callable
 from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -142,3 +143,32 @@ def load_tiktoken(path: str | os.PathLike):
         mergeable_ranks=load_tiktoken_bpe(os.fspath(path)),
         special_tokens=meta["special_tokens"],
     )
+
+
+# Texts that exercise every alternative of the split pattern and the whitespace, digit and
+# letter classes where regex engines could disagree.
+_PROBE_TEXTS = (
+    "Hello, world! It's 12345 o'clock; we'RE 'LL 'Ve done.\r\n\r\n  spaced   out  \n",
+    "\t\x0b\x0c\x1c\x1d\x1e\x1f\x85\xa0\u1680\u2000\u2028\u2029\u202f\u205f\u3000 x \u200b\ufeff",
+    "naïve café e\u0301 東京 ٣٤٥ ²³ Ⅻ ½ 𝟙𝟚 😀👍🏽🇫🇷 \x00\x7f ...!!! ?? --- \n\n\n",
+)
+
+
+def fast_path_mismatch(enc, reference: Callable[[str], list[int]], vocab: list[bytes]) -> str | None:
+    """Compare tiktoken ``enc`` with the ``reference`` encoder on probe texts.
+
+    Returns a description of the first difference, or None when they agree. The probes are
+    the texts above plus every 16th token of the vocabulary glued to its neighbours, where
+    a token reachable by another split would show.
+    """
+    if not hasattr(enc, "_core_bpe"):
+        return f"tiktoken {getattr(enc, '__module__', '')} has no _core_bpe (unsupported version)"
+    probes = list(_PROBE_TEXTS)
+    strings = [t.decode("utf-8", errors="ignore") for t in vocab[256:]]
+    for i in range(0, len(strings), 16):
+        probes.append("".join(strings[i : i + 3]))
+        probes.append(strings[i] + " " + strings[-1 - i])
+    for text in probes:
+        if enc.encode_ordinary(text) != reference(text):
+            return f"it encodes {text!r} differently"
+    return None
