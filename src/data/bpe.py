@@ -203,15 +203,21 @@ class BPETokenizer:
         get, merges, none = self._ranks.get, self.merges, repeat(_NO_RANK)
         if len(ids) <= _SHORT_CHUNK:
             # Each round merges the leftmost occurrence of the lowest-rank pair (a merge's
-            # rank is its new id). That equals merging all occurrences left to right, and
-            # keeps each round in C-level calls.
-            while len(ids) > 1:
-                pairs = list(zip(ids, ids[1:]))
-                rank = min(map(get, pairs, none))
+            # rank is its new id); that equals merging all its occurrences left to right.
+            # ranks[i] is the rank of the pair (ids[i], ids[i+1]); a merge changes only its
+            # two neighbours, and min/index run in C.
+            ranks = list(map(get, zip(ids, ids[1:]), none))
+            while ranks:
+                rank = min(ranks)
                 if rank == _NO_RANK:
                     break
-                i = pairs.index(merges[rank - 256])
+                i = ranks.index(rank)
                 ids[i : i + 2] = (rank,)
+                del ranks[i]
+                if i:
+                    ranks[i - 1] = get((ids[i - 1], rank), _NO_RANK)
+                if i < len(ranks):
+                    ranks[i] = get((rank, ids[i + 1]), _NO_RANK)
             return ids
         # A long chunk (e.g. a run of 10,000 spaces): merge all occurrences per round, so
         # the cost is O(length x distinct merges used), not O(length^2).
@@ -238,6 +244,10 @@ class BPETokenizer:
         if len(cache) > _MAX_CACHE_ENTRIES:
             cache.clear()
         chunks = self._split(text)
+        try:  # all chunks seen before: one pass in C
+            return list(chain.from_iterable(map(cache.__getitem__, chunks)))
+        except KeyError:
+            pass
         for chunk in set(chunks).difference(cache):
             cache[chunk] = tuple(self._encode_chunk(chunk))  # tuples chain fastest
         return list(chain.from_iterable(map(cache.__getitem__, chunks)))
