@@ -354,7 +354,12 @@ class BPETokenizer:
         }
 
     def save(self, path: str | os.PathLike) -> None:
-        """Write the tokenizer as one JSON file, atomically (merges one per line)."""
+        """Write the tokenizer as one JSON file, atomically.
+
+        One merge per line, ``[left id, right id, "text of the new token"]``; the text is
+        for people reading the file (bytes that are not whole UTF-8 characters appear as
+        \\xNN) and is checked against the ids on load. The hash covers the ids only.
+        """
         content = self._content()
         head = {k: v for k, v in content.items() if k != "merges"}
         head["hash"] = self.hash
@@ -362,11 +367,14 @@ class BPETokenizer:
         for k, v in head.items():
             lines.append(f"  {json.dumps(k)}: {json.dumps(v, ensure_ascii=False)},")
         lines.append('  "merges": [')
-        merge_lines = [f"    [{a}, {b}]" for a, b in self.merges]
+        merge_lines = [f"    [{a}, {b}, {json.dumps(t, ensure_ascii=False)}]" for (a, b), t in zip(self.merges, self._merge_texts())]
         lines.append(",\n".join(merge_lines))
         lines.append("  ]")
         lines.append("}")
         write_text_atomic(path, "\n".join(line for line in lines if line) + "\n")
+
+    def _merge_texts(self) -> list[str]:
+        return [t.decode("utf-8", errors="backslashreplace") for t in self.vocab[256:]]
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> BPETokenizer:
@@ -392,20 +400,28 @@ class BPETokenizer:
             merges = data["merges"]
             pattern = data["pattern"]
             specials = data["special_tokens"]
-            if not (isinstance(merges, list) and all(isinstance(m, list) and len(m) == 2 for m in merges)):
-                raise ValueError("'merges' must be a list of [left, right] id pairs")
-            if not all(isinstance(x, int) for m in merges for x in m):
+            if not (isinstance(merges, list) and all(isinstance(m, list) and len(m) in (2, 3) for m in merges)):
+                raise ValueError("'merges' must be a list of [left id, right id, text] entries")
+            if not all(isinstance(x, int) and not isinstance(x, bool) for m in merges for x in m[:2]):
                 raise ValueError("'merges' must hold integer ids")
             if not (isinstance(specials, dict) and isinstance(pattern, str)):
                 raise ValueError("'special_tokens' must be an object and 'pattern' a string")
             order = sorted(specials, key=lambda s: specials[s])
-            tok = cls([tuple(m) for m in merges], pattern=pattern, special_tokens=order)
+            tok = cls([(m[0], m[1]) for m in merges], pattern=pattern, special_tokens=order)
         except KeyError as exc:
             raise TokenizerFileError(f"{path}: missing field {exc}") from None
         except (ValueError, TypeError, regex.error) as exc:
             raise TokenizerFileError(f"{path}: invalid tokenizer: {exc}") from None
         if tok.special_tokens != specials:
             raise TokenizerFileError(f"{path}: special token ids {specials} do not follow the merges")
+        if data.get("num_reserved_special") != NUM_RESERVED_SPECIAL or data.get("vocab_size") != tok.vocab_size:
+            raise TokenizerFileError(
+                f"{path}: made for {data.get('num_reserved_special')} reserved special ids and vocab_size "
+                f"{data.get('vocab_size')}; this code reserves {NUM_RESERVED_SPECIAL} (vocab_size {tok.vocab_size})"
+            )
+        for i, (m, text) in enumerate(zip(merges, tok._merge_texts())):
+            if len(m) == 3 and m[2] != text:
+                raise TokenizerFileError(f"{path}: merge {i} {m[:2]} makes {text!r}, but the file says {m[2]!r}")
         if data.get("hash") != tok.hash:
             raise TokenizerFileError(f"{path}: content hash mismatch (file edited or corrupt)")
         return tok
