@@ -46,6 +46,20 @@ def test_train_encode_decode_pipeline(trained):
     assert r.returncode == 0 and r.stdout == TEXT.encode("utf-8")  # exact bytes, \r\n kept
 
 
+def test_big_input_encodes_block_by_block_with_same_ids(trained, tmp_path):
+    _, _, tok_path = trained
+    tok = BPETokenizer.load(tok_path)
+    big = tmp_path / "big.txt"
+    big.write_text(TEXT * 150, encoding="utf-8")  # > 1 MB characters: several blocks
+    main(["encode", "--tokenizer", str(tok_path), "--input", str(big), "--output", str(tmp_path / "ids")])
+    assert [int(x) for x in (tmp_path / "ids").read_text().split()] == tok.encode(TEXT * 150)
+
+
+def test_train_files(trained):
+    _, corpus, tok_path = trained
+    assert BPETokenizer.train_files([corpus], 330).hash == BPETokenizer.load(tok_path).hash
+
+
 def test_encode_specials_only_when_asked(trained, tmp_path, capsys):
     _, _, tok_path = trained
     tok = BPETokenizer.load(tok_path)

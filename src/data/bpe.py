@@ -40,7 +40,7 @@ import numpy as np
 import regex
 
 from src.data import bpe_batch
-from src.data.bpe_train import SPLIT_PATTERN, count_chunks, learn_merges
+from src.data.bpe_train import SPLIT_PATTERN, count_chunks, iter_blocks, learn_merges
 from src.data.special_tokens import NUM_RESERVED_SPECIAL, SPECIAL_TOKENS
 from src.utils.atomic import write_text_atomic
 from src.utils.cli import UserError
@@ -141,6 +141,15 @@ class BPETokenizer:
                 stacklevel=2,
             )
         return cls(merges)
+
+    @classmethod
+    def train_files(
+        cls, paths: Iterable[str | os.PathLike], vocab_size: int, *, show_progress: bool = False
+    ) -> BPETokenizer:
+        """:meth:`train` on UTF-8 text files (each read when its turn comes, bytes as they
+        are: no newline translation)."""
+        texts = (Path(p).read_bytes().decode("utf-8") for p in paths)
+        return cls.train(texts, vocab_size, show_progress=show_progress)
 
     # ------------------------------------------------------------------ encoding
     @property
@@ -538,10 +547,21 @@ def _cmd_train(args) -> None:
 def _cmd_encode(args) -> None:
     tok = _load(args.tokenizer)
     text = _read_text(args.input)
+    encode = tok.encode_with_special if args.special else tok.encode
+    # Big inputs go block by block (cut where no chunk or special token can span the cut,
+    # so the ids are the same) to show progress.
+    blocks = list(iter_blocks(text)) if tok.pattern == SPLIT_PATTERN else [text]
+    bar = _progress_bar(not args.quiet and len(blocks) > 1, len(text), "encoding", "char")
+    ids: list[int] = []
     try:
-        ids = tok.encode_with_special(text) if args.special else tok.encode(text)
+        for block in blocks:
+            ids.extend(encode(block))
+            if bar is not None:
+                bar.update(len(block))
     except ValueError as exc:
         raise UserError(f"{_name(args.input)}: {exc}") from None
+    if bar is not None:
+        bar.close()
     _write_output(args.output, "".join(f"{i}\n" for i in ids))
 
 
@@ -621,6 +641,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--output", default=None, metavar="FILE", help="default: stdout")
     p.add_argument("--special", action="store_true",
                    help="turn <|endoftext|> etc. into special ids (trusted text only)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_encode)
 
     p = sub.add_parser("decode", help="token ids (whitespace-separated) -> text")
