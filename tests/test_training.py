@@ -333,3 +333,47 @@ def test_entry_point_runs_tiny(data_dir, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert f"saved to {run}" in proc.stdout and "python chat.py --run" in proc.stdout
     assert ck.latest_checkpoint(run).name == "step_0000003"
+
+
+@pytest.mark.slow
+def test_kill_9_never_corrupts_the_latest_checkpoint(data_dir, tmp_path):
+    """SIGKILL a real training process at random moments (checkpointing every step, so some
+    kills land mid-save); every time, the latest checkpoint loads and training resumes."""
+    import random
+
+    run = tmp_path / "r"
+    rng = random.Random(0)
+    args = [sys.executable, "train.py", "--preset", "tiny", "--data", str(data_dir), "--run-dir", str(run),
+            "--max-steps", "40", "--seed", "0", "--no-progress", "--no-tensorboard", "--no-plot",
+            "--checkpoint-interval", "1", "--keep-last", "2", "--eval-interval", "5", "--eval-tokens", "128",
+            "--batch-size", "4", "--tokens-per-step", "256"]
+    metrics = run / "metrics.jsonl"
+    for attempt in range(3):
+        cmd = args + (["--resume"] if attempt else [])
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=ENV)
+        seen = metrics.read_text().count("\n") if metrics.is_file() else 0
+        deadline = time.time() + 60
+        # Wait for training to be under way, then kill after a random extra delay.
+        while time.time() < deadline and proc.poll() is None and (
+            not metrics.is_file() or metrics.read_text().count("\n") < seen + 2
+        ):
+            time.sleep(0.02)
+        time.sleep(rng.uniform(0.0, 0.4))
+        proc.kill()
+        proc.wait()
+        latest = ck.latest_checkpoint(run)
+        assert latest is not None
+        model, _, info = ck.load_model(latest)
+        assert info["step"] == ck.read_state(latest)["step"] >= 1
+        # The full training state loads too (optimiser, RNG), not just the weights.
+        from src.model.gpt import GPT
+
+        fresh = GPT(model.config)
+        cfg = make_config(json.loads((run / "config.json").read_text()))
+        ck.load_checkpoint(latest, fresh, build_optimizers(fresh, cfg), restore_rng=False)
+    proc = subprocess.run(args + ["--resume"], cwd=ROOT, capture_output=True, text=True, timeout=120, env=ENV)
+    assert proc.returncode == 0, proc.stderr
+    assert ck.read_state(ck.latest_checkpoint(run))["step"] == 40
+    steps = [s for s, _ in train_losses(run)]
+    assert steps == list(range(1, 41))  # metrics.jsonl tells one consistent story
+    assert not list((run / "checkpoints").glob(".tmp-*"))

@@ -133,6 +133,19 @@ def plan_steps(step: int, per_step: float, eval_tokens: int, tokens_per_step: in
     return min(max(step + fit, warmup_steps + 1, step + 1), max_steps)
 
 
+def check_ranks_in_sync(model: torch.nn.Module, info: DistInfo, device: torch.device) -> float:
+    """DDP replicas must hold identical weights: compare a checksum over ranks (at each checkpoint)
+    and raise if they drifted apart. Returns the checksum."""
+    with torch.no_grad():
+        total = sum(p.detach().double().sum() for p in model.parameters()).to(device)
+    lo, hi = total.clone(), total.clone()
+    torch.distributed.all_reduce(lo, op=torch.distributed.ReduceOp.MIN)
+    torch.distributed.all_reduce(hi, op=torch.distributed.ReduceOp.MAX)
+    if lo.item() != hi.item():
+        raise RuntimeError(f"data-parallel ranks out of sync: weight checksums {lo.item()!r} .. {hi.item()!r}")
+    return float(total)
+
+
 def train(
     cfg: TrainConfig,
     *,
@@ -281,6 +294,8 @@ def _train(cfg: TrainConfig, device: torch.device, dist_info: DistInfo, loss_hoo
             "model_config": model_cfg.to_dict(), "train_config": cfg.to_dict(),
             "tokenizer_hash": meta["tokenizer_hash"], "optimizers": [type(o).__name__ for o in optimizers],
         }
+        if dist_info.enabled and not cfg.fsdp:
+            state["param_checksum"] = check_ranks_in_sync(raw_model, dist_info, comm_device)
         return ckpt_io.save_checkpoint(run_dir, step, raw_model, optimizers, state,
                                        keep_last=cfg.keep_last, is_best=is_best)
 
