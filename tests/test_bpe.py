@@ -155,6 +155,14 @@ def test_block_cutting_does_not_change_chunks():
     assert count_chunks([text]) == Counter(c for b in blocks for c in regex.findall(SPLIT_PATTERN, b))
 
 
+@settings(max_examples=100, deadline=None)
+@given(st.text(alphabet="ab 1.\n\r\t'😀", max_size=300), st.integers(1, 40))
+def test_block_cutting_property(text, block_chars):
+    blocks = list(iter_blocks(text, block_chars=block_chars))
+    assert "".join(blocks) == text
+    assert [c for b in blocks for c in regex.findall(SPLIT_PATTERN, b)] == regex.findall(SPLIT_PATTERN, text)
+
+
 # ---------------------------------------------------------------- encoding
 @settings(max_examples=200, deadline=None)
 @given(st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=200))
