@@ -340,3 +340,17 @@ def test_load_rejects_bad_files(tmp_path, mangle, message):
 def test_load_missing_file(tmp_path):
     with pytest.raises(TokenizerFileError, match="not found"):
         BPETokenizer.load(tmp_path / "nope.json")
+
+
+def test_vocabulary_tiktoken_cannot_represent_falls_back():
+    # Hand-made merges where two pairs make "abc" (training never produces this).
+    merges = [(97, 98), (256, 99), (98, 99), (97, 258)]
+    t = BPETokenizer(merges)
+    if "tiktoken" in BACKENDS:
+        with pytest.warns(UserWarning, match="fast path disabled"):
+            assert t.backend == "python"
+    assert t.encode("abc abc") == [257, 32, 257] and t.decode([259]) == "abc"
+    from src.data.bpe_interop import hf_tokenizer_json
+
+    with pytest.raises(ValueError, match="same bytes"):
+        hf_tokenizer_json(t)

@@ -187,9 +187,11 @@ class BPETokenizer:
 
             try:
                 enc = bpe_interop.to_tiktoken(self)
-            except ImportError:
+            except (ImportError, ValueError) as exc:
                 if self._backend_preference == "tiktoken":
                     raise
+                if isinstance(exc, ValueError):  # a vocabulary tiktoken cannot represent
+                    warnings.warn(f"tiktoken fast path disabled: {exc}", stacklevel=3)
                 return None
             mismatch = bpe_interop.fast_path_mismatch(enc, self._encode_python, self.vocab)
             if mismatch is not None:
@@ -608,6 +610,8 @@ def _cmd_export(args) -> None:
     from src.data import bpe_interop
 
     tok = _load(args.tokenizer)
+    if len(set(tok.vocab)) != len(tok.vocab):
+        raise UserError(f"{args.tokenizer}: two merges make the same token, which {args.format} cannot represent")
     if args.format == "hf":
         bpe_interop.save_hf(tok, args.output)
         print(f"wrote {args.output}: load with tokenizers.Tokenizer.from_file or "

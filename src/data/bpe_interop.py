@@ -42,6 +42,8 @@ def byte_to_unicode() -> dict[int, str]:
 
 def hf_tokenizer_json(tok: BPETokenizer) -> dict[str, Any]:
     """The Hugging Face ``tokenizer.json`` content of ``tok`` (a dict)."""
+    if len(set(tok.vocab)) != len(tok.vocab):
+        raise ValueError("two merges produce the same bytes; a tokenizer.json vocabulary cannot represent this")
     b2u = byte_to_unicode()
 
     def show(token: bytes) -> str:
