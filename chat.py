@@ -9,8 +9,8 @@ In a terminal: type a message and press Enter; the reply streams as it is genera
 /max_tokens 100, ...). Ctrl-C stops a reply (not the program); Ctrl-D leaves.
 
 Piped (stdin is not a terminal): each input line is one message and gets one reply, one
-line on stdout (a line break inside a reply is written as a space); there is no banner or
-prompt, and notices go to stderr, so stdout holds only the replies. Commands work too (their messages go to stderr). Empty and
+line on stdout (a line break inside a reply is written as a space; control characters such
+as ESC are never printed); there is no banner or prompt, and notices go to stderr, so stdout holds only the replies. Commands work too (their messages go to stderr). Empty and
 whitespace-only lines are skipped without a reply. A line that is not valid UTF-8 gets an
 error on stderr and no reply; the other lines are answered and the exit status is then 1
 (0 when every line was fine).
@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # the repo root
 
 from src.infer.chat_session import ChatSession, CommandError, message_text, parse_command
 from src.infer.generate import add_loading_args, add_sampling_args, load, settings_from_args
+from src.infer.sampling import printable
 from src.utils.cli import run_cli
 
 
@@ -94,6 +95,7 @@ def main(argv: list[str] | None = None) -> int:
               f"tokens). /help for commands, Ctrl-D to leave.")
 
     def show(piece: str) -> None:
+        piece = printable(piece)
         if not interactive:  # one line per reply, whatever the model says
             piece = piece.replace("\r\n", " ").replace("\n", " ").replace("\r", " ")
         sys.stdout.write(piece)

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import io
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
 from src.data.chat_template import Turn
@@ -14,6 +19,7 @@ from src.infer.chat_session import (
     parse_command,
 )
 from src.infer.sampling import SamplingSettings
+from src.utils.cli import UserError
 
 # ---------------------------------------------------------------- fitting the context
 
@@ -215,3 +221,87 @@ def test_ctrl_c_stops_the_reply_and_keeps_what_was_shown(tok):
     assert r.finish_reason == "interrupted" and r.text == "".join(shown)
     assert session.history[-1][0].text == r.text
     assert session.reply("again").finish_reason == "stop_token"  # the session goes on
+
+
+# ---------------------------------------------------------------- chat.py, on a tiny trained run
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    from tests.test_generate_cli import shared_tiny_run
+
+    return shared_tiny_run(tmp_path_factory)
+
+
+class PipedStdin:
+    """What chat.py reads when input is piped: bytes, not a terminal."""
+
+    def __init__(self, data: bytes):
+        self.buffer = io.BytesIO(data)
+
+    def isatty(self):
+        return False
+
+
+def chat(monkeypatch, capsys, run_dir, stdin: bytes, *args):
+    import chat as chat_cli
+
+    monkeypatch.setattr(sys, "stdin", PipedStdin(stdin))
+    code = chat_cli.main(["--run", str(run_dir), "--device", "cpu", "--max-tokens", "16", *args])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_piped_one_reply_per_line_blank_lines_skipped(monkeypatch, capsys, run_dir):
+    code, out, err = chat(monkeypatch, capsys, run_dir, b"Hello there\n\n   \n\t\nThe cat sees?\r\n", "--seed", "0")
+    assert code == 0 and out.count("\n") == 2 and err == ""
+    assert all(ch >= " " for ch in out.replace("\n", "").replace("\t", ""))  # no ESC etc.
+
+
+def test_piped_bad_utf8_line_gets_an_error_and_the_rest_replies(monkeypatch, capsys, run_dir):
+    code, out, err = chat(monkeypatch, capsys, run_dir, b"hi\ncaf\xe9 \xff\nbye\n")
+    assert code == 1 and out.count("\n") == 2
+    assert "input line 2 is not valid UTF-8" in err and "Traceback" not in err
+
+
+def test_piped_commands_go_to_stderr_and_quit_stops(monkeypatch, capsys, run_dir):
+    stdin = b"/temperature 0\nhello\n/top_p 7\n/bogus\n/reset\n/quit\nnever answered\n"
+    code, out, err = chat(monkeypatch, capsys, run_dir, stdin)
+    assert out.count("\n") == 1 and code == 1  # two bad commands
+    assert "(temperature = 0)" in err and "/top_p must be in (0, 1]" in err
+    assert "unknown command /bogus" in err and "(conversation reset)" in err
+
+
+def test_piped_greedy_is_reproducible_and_seeds_repeat(monkeypatch, capsys, run_dir):
+    lines = b"Hello\nHow are you?\n"
+    runs = [chat(monkeypatch, capsys, run_dir, lines, "--temperature", "0")[1] for _ in range(2)]
+    assert runs[0] == runs[1]
+    runs = [chat(monkeypatch, capsys, run_dir, lines, "--seed", "9", "--temperature", "1")[1] for _ in range(2)]
+    assert runs[0] == runs[1]
+
+
+def test_piped_message_longer_than_the_context(monkeypatch, capsys, run_dir):
+    long_line = ("the old man reads a long letter " * 80).encode() + b"\n"
+    code, out, err = chat(monkeypatch, capsys, run_dir, long_line + b"and then?\n")
+    assert code == 0 and out.count("\n") == 2
+    assert "kept its last" in err and "forgot" in err
+
+
+def test_no_trained_run_says_how_to_train(monkeypatch, tmp_path):
+    import chat as chat_cli
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "stdin", PipedStdin(b"hi\n"))
+    with pytest.raises(UserError, match="python train.py"):
+        chat_cli.main([])
+
+
+@pytest.mark.slow
+def test_echo_into_chat_end_to_end(run_dir):
+    stdin = b"Hello, how are you?\n\n<|endoftext|><|user|>hi<|assistant|>\n"
+    done = subprocess.run([sys.executable, str(REPO / "chat.py"), "--run", str(run_dir), "--max-tokens", "20"],
+                          input=stdin, capture_output=True, timeout=120)
+    assert done.returncode == 0, done.stderr.decode()
+    assert done.stdout.decode().count("\n") == 2 and b"error" not in done.stderr

@@ -327,3 +327,9 @@ def test_same_seed_same_text_and_samples_of_a_batch_differ(gpt, tok):
     assert run(123) == first
     assert run(124) != first
     assert len({tuple(ids) for ids in first}) == 3  # each row of the batch is its own sample
+
+
+def test_printable_drops_terminal_control_characters():
+    from src.infer.sampling import printable
+
+    assert printable("a\x1b[31mb\x00\tc\r\n\x7f\x9bé€") == "a[31mb\tc\né€"

@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo root
 
 import torch
 
-from src.infer.sampling import SamplingSettings, generate
+from src.infer.sampling import SamplingSettings, generate, printable
 from src.utils.cli import UserError, run_cli
 
 
@@ -154,13 +154,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"note: {message}", file=sys.stderr, flush=True)
 
     out = sys.stdout
+    # On a terminal, control characters a model may emit (ESC sequences) are not printed.
+    shown = printable if out.isatty() else str
     stream = args.num_samples == 1
     if stream and not args.no_echo:
         out.write(text)
         out.flush()
 
     def on_text(row: int, piece: str) -> None:
-        out.write(piece)
+        out.write(shown(piece))
         out.flush()
 
     completions = generate(
@@ -181,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         for i, c in enumerate(completions, 1):
             out.write(f"--- sample {i}/{args.num_samples} ---\n")
-            out.write(("" if args.no_echo else text) + c.text + "\n")
+            out.write(("" if args.no_echo else text) + shown(c.text) + "\n")
     out.flush()
     return 0
 

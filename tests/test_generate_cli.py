@@ -1,0 +1,127 @@
+"""src/infer/generate.py, the command line, on a tiny trained run.
+
+Most tests call ``main`` in this process (fast); two run the script as a user would.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from src.infer.generate import main, unescape
+from src.utils.cli import UserError
+from tests.fixtures import make_tiny_run
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "src" / "infer" / "generate.py"
+
+
+def shared_tiny_run(tmp_path_factory) -> Path:
+    """One tiny trained run for all of this session's generation and chat tests."""
+    base = tmp_path_factory.getbasetemp() / "infer-tiny-run"
+    if not (base / "run" / "checkpoints" / "latest").is_file():
+        make_tiny_run(base, steps=6)
+    return base / "run"
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    return shared_tiny_run(tmp_path_factory)
+
+
+def gen(capsys, run_dir, *args):
+    assert main(["--run", str(run_dir), "--device", "cpu", *args]) == 0
+    out = capsys.readouterr()
+    return out.out, out.err
+
+
+def test_same_seed_same_text(capsys, run_dir):
+    args = ["--prompt", "The cat", "--max-new-tokens", "30", "--temperature", "1.0"]
+    a, _ = gen(capsys, run_dir, *args, "--seed", "5")
+    b, _ = gen(capsys, run_dir, *args, "--seed", "5")
+    c, _ = gen(capsys, run_dir, *args, "--seed", "6")
+    assert a == b and a != c
+    assert a.startswith("The cat") and len(a) > len("The cat\n")
+
+
+def test_greedy_is_temperature_zero_and_ignores_the_seed(capsys, run_dir):
+    a, _ = gen(capsys, run_dir, "--prompt", "A dog", "--greedy", "--seed", "1", "--max-new-tokens", "20")
+    b, _ = gen(capsys, run_dir, "--prompt", "A dog", "--temperature", "0", "--seed", "2",
+               "--max-new-tokens", "20")
+    assert a == b
+
+
+def test_num_samples_and_no_echo(capsys, run_dir):
+    out, _ = gen(capsys, run_dir, "--prompt", "She", "--num-samples", "3", "--seed", "0",
+                 "--max-new-tokens", "12", "--no-echo")
+    parts = out.split("--- sample ")
+    assert [p[:4] for p in parts[1:]] == ["1/3 ", "2/3 ", "3/3 "]
+    assert not any(p.split("\n", 1)[1].startswith("She") for p in parts[1:])
+
+
+def test_stop_string_cuts_the_output(capsys, run_dir):
+    full, _ = gen(capsys, run_dir, "--prompt", "The teacher", "--greedy", "--max-new-tokens", "40", "--no-echo")
+    full = full[:-1]  # the final newline
+    stop = full[6:9]
+    assert len(stop) == 3
+    cut, _ = gen(capsys, run_dir, "--prompt", "The teacher", "--greedy", "--max-new-tokens", "40",
+                 "--no-echo", "--stop", stop)
+    assert cut == full[: full.find(stop)] + "\n"
+
+
+def test_prompt_longer_than_the_context_slides(capsys, run_dir):
+    prompt = "the cat sees the ball. " * 60  # far more than the tiny preset's 64 tokens
+    out, err = gen(capsys, run_dir, "--prompt", prompt, "--max-new-tokens", "40", "--seed", "0")
+    assert out.startswith(prompt) and len(out) > len(prompt) + 1
+    assert "keeping its last 64" in err and "sliding" in err
+
+
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["--top-p", "2"], ["--top-p must be in (0, 1]"]),
+        (["--temperature", "-1"], ["--temperature"]),
+        (["--max-new-tokens", "0"], ["--max-new-tokens"]),
+        (["--num-samples", "0"], ["--num-samples"]),
+        (["--stop", ""], ["--stop"]),
+        (["--prompt-file", "/nonexistent/p.txt"], ["/nonexistent/p.txt", "no such file"]),
+    ],
+)
+def test_bad_values_are_one_line_errors(run_dir, args, words):
+    with pytest.raises(UserError) as exc:
+        main(["--run", str(run_dir), *args])
+    for w in words:
+        assert w in str(exc.value)
+
+
+def test_prompt_file_must_be_utf8(tmp_path, run_dir, capsys):
+    bad = tmp_path / "p.txt"
+    bad.write_bytes(b"caf\xe9")
+    with pytest.raises(UserError, match="p.txt: not UTF-8"):
+        main(["--run", str(run_dir), "--prompt-file", str(bad)])
+    good = tmp_path / "q.txt"
+    good.write_text("Un café", encoding="utf-8")
+    out, _ = gen(capsys, run_dir, "--prompt-file", str(good), "--max-new-tokens", "5", "--seed", "0")
+    assert out.startswith("Un café")
+
+
+def test_unescape():
+    assert unescape(r"a\nb\tc\\n") == "a\nb\tc\\n"
+    assert unescape("\\") == "\\"
+
+
+@pytest.mark.slow
+def test_script_end_to_end(run_dir, tmp_path):
+    cmd = [sys.executable, str(SCRIPT), "--run", str(run_dir), "--prompt", "My friend",
+           "--seed", "3", "--max-new-tokens", "20"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("My friend") and done.stdout.endswith("\n")
+    # No trained run: one line saying how to train one, exit 2, no traceback.
+    done = subprocess.run([sys.executable, str(SCRIPT), "--prompt", "x"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.count("\n") == 1 and "python train.py" in done.stderr
