@@ -208,8 +208,11 @@ def test_encode_compresses_and_is_cached(tok):
 
 
 def test_lone_surrogate_is_a_clear_error(tok):
-    with pytest.raises(ValueError, match="lone surrogate"):
-        tok.encode("abc \ud800 def")
+    for encode in (tok.encode, tok.encode_with_special):
+        with pytest.raises(ValueError, match="lone surrogate U\\+D800 at position 4"):
+            encode("abc \ud800 def")
+    with pytest.raises(ValueError, match="U\\+DFFF at position 15"):
+        tok.encode_with_special("<|endoftext|>a \udfff")
 
 
 def test_encode_never_emits_specials(tok):
@@ -269,6 +272,9 @@ def test_decode_bad_ids(tok):
         tok.decode([tok.vocab_size])
     with pytest.raises(ValueError, match="out of range"):
         tok.decode([-1])
+    with pytest.raises(ValueError, match="must be integers"):
+        tok.decode([65, "66"])
+    assert tok.decode(np.array([72, 105], dtype=np.uint16)) == "Hi"
 
 
 def test_decode_invalid_utf8_replaces(tok):

@@ -206,11 +206,11 @@ class BPETokenizer:
         return self._fast
 
     def _encode_chunk(self, chunk: str) -> list[int]:
-        """Token ids of one chunk: merge the lowest-rank adjacent pair until none is left."""
-        try:
-            ids = list(chunk.encode("utf-8"))
-        except UnicodeEncodeError as exc:
-            raise _surrogate_error(chunk, exc.start) from None
+        """Token ids of one chunk: merge the lowest-rank adjacent pair until none is left.
+
+        Raises UnicodeEncodeError for a lone surrogate (callers report it for the whole text).
+        """
+        ids = list(chunk.encode("utf-8"))
         get, merges, none = self._ranks.get, self.merges, repeat(_NO_RANK)
         if len(ids) <= _SHORT_CHUNK:
             # Each round merges the leftmost occurrence of the lowest-rank pair (a merge's
@@ -259,8 +259,12 @@ class BPETokenizer:
             return list(chain.from_iterable(map(cache.__getitem__, chunks)))
         except KeyError:
             pass
-        for chunk in set(chunks).difference(cache):
-            cache[chunk] = tuple(self._encode_chunk(chunk))  # tuples chain fastest
+        try:
+            for chunk in set(chunks).difference(cache):
+                cache[chunk] = tuple(self._encode_chunk(chunk))  # tuples chain fastest
+        except UnicodeEncodeError:
+            _check_unicode(text)  # raises the ValueError naming the position in the text
+            raise
         return list(chain.from_iterable(map(cache.__getitem__, chunks)))
 
     def encode(self, text: str) -> list[int]:
@@ -292,6 +296,7 @@ class BPETokenizer:
                 raise
         if self._special_split is None:
             return self.encode(text)
+        _check_unicode(text)  # so an error names the position in the whole text
         out: list[int] = []
         for i, part in enumerate(self._special_split.split(text)):
             if i % 2:  # odd parts are the captured special-token strings
@@ -337,10 +342,12 @@ class BPETokenizer:
     def decode_bytes(self, ids: Sequence[int]) -> bytes:
         """The bytes of a sequence of ids."""
         vocab, n = self.vocab, self._num_base
+        if isinstance(ids, np.ndarray):
+            ids = ids.tolist()
         try:
             return b"".join([vocab[i] if 0 <= i < n else self.token_bytes(i) for i in ids])
         except TypeError:
-            bad = next(i for i in ids if not isinstance(i, (int, np.integer)))
+            bad = next((i for i in ids if not isinstance(i, (int, np.integer))), None)
             raise ValueError(f"token ids must be integers, got {bad!r}") from None
 
     def decode(self, ids: Sequence[int]) -> str:
@@ -350,7 +357,7 @@ class BPETokenizer:
         arbitrary ids, e.g. a model's samples) gets U+FFFD for the broken bytes.
         Raises ValueError for ids outside the vocabulary or unassigned reserved ids.
         """
-        return self.decode_bytes([int(i) for i in ids]).decode("utf-8", errors="replace")
+        return self.decode_bytes(ids).decode("utf-8", errors="replace")
 
     # ------------------------------------------------------------------ files
     def _content(self) -> dict:
