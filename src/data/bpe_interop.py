@@ -160,14 +160,17 @@ def fast_path_mismatch(enc, reference: Callable[[str], list[int]], vocab: list[b
     """Compare tiktoken ``enc`` with the ``reference`` encoder on probe texts.
 
     Returns a description of the first difference, or None when they agree. The probes are
-    the texts above plus every 16th token of the vocabulary glued to its neighbours, where
-    a token reachable by another split would show.
+    the texts above plus every 16th token of the vocabulary, alone and glued to others.
+    (tiktoken takes a chunk that is a whole token as that token; our merges give the same
+    for trained tokens, as the merges that built a token inside its training context also
+    build it alone.)
     """
     if not hasattr(enc, "_core_bpe"):
         return f"tiktoken {getattr(enc, '__module__', '')} has no _core_bpe (unsupported version)"
     probes = list(_PROBE_TEXTS)
     strings = [t.decode("utf-8", errors="ignore") for t in vocab[256:]]
     for i in range(0, len(strings), 16):
+        probes.append(strings[i])  # alone: tiktoken takes a chunk found in its vocabulary whole
         probes.append("".join(strings[i : i + 3]))
         probes.append(strings[i] + " " + strings[-1 - i])
     for text in probes:
