@@ -198,6 +198,9 @@ def test_backend_choice(trained, monkeypatch):
     assert BPETokenizer(trained.merges).backend == "python"
     with pytest.raises(ValueError, match="backend must be"):
         BPETokenizer(trained.merges).backend_preference = "rust"
+    monkeypatch.setenv("GPT_MODEL_BPE_BACKEND", "fast")
+    with pytest.raises(ValueError, match="GPT_MODEL_BPE_BACKEND='fast'"):
+        BPETokenizer(trained.merges)
 
 
 def test_encode_compresses_and_is_cached(tok):

@@ -89,7 +89,10 @@ class BPETokenizer:
         self.vocab: list[bytes] = vocab  # token bytes of every non-special id
         self._cache: dict[str, tuple[int, ...]] = {}
         self._fast = _UNSET
-        self.backend_preference = os.environ.get(BACKEND_ENV, "auto")
+        preference = os.environ.get(BACKEND_ENV, "auto")
+        if preference not in ("auto", "python", "tiktoken"):
+            raise ValueError(f"environment variable {BACKEND_ENV}={preference!r}: expected auto, python or tiktoken")
+        self.backend_preference = preference
         self._special_split = (
             regex.compile("(" + "|".join(regex.escape(s) for s in sorted(special_tokens, key=len, reverse=True)) + ")")
             if special_tokens
