@@ -142,6 +142,13 @@ def test_too_small_vocab_and_early_stop():
     assert tok.vocab_size == 256 + 2 + NUM_RESERVED_SPECIAL
 
 
+def test_training_input_errors():
+    with pytest.raises(ValueError, match="lone surrogate U\\+D83D"):
+        BPETokenizer.train(["ok text", "bad \ud83d text"], 300)
+    with pytest.raises(TypeError, match="not one string"):
+        BPETokenizer.train("a text", 300)
+
+
 def test_training_is_deterministic():
     a = train_quiet(CORPUS, 400)
     b = train_quiet(list(reversed(CORPUS)), 400)

@@ -124,6 +124,8 @@ class BPETokenizer:
         Stops early (with a warning) if the texts run out of pairs to merge, so a tiny
         corpus gives a smaller ``vocab_size`` than asked.
         """
+        if isinstance(texts, str):
+            raise TypeError("texts must be an iterable of strings, not one string (wrap it in a list)")
         min_size = 256 + NUM_RESERVED_SPECIAL
         if vocab_size < min_size:
             raise ValueError(f"vocab_size must be at least {min_size} (256 bytes + {NUM_RESERVED_SPECIAL} special), got {vocab_size}")

@@ -95,7 +95,13 @@ def learn_merges(
     """
     # Sorting the chunks fixes the word order, so the result never depends on dict order.
     items = sorted(chunk_counts.items())
-    words: list[list[int]] = [list(chunk.encode("utf-8")) for chunk, _ in items]
+    try:
+        words: list[list[int]] = [list(chunk.encode("utf-8")) for chunk, _ in items]
+    except UnicodeEncodeError as exc:
+        raise ValueError(
+            f"training text is not valid Unicode: lone surrogate U+{ord(exc.object[exc.start]):04X} "
+            f"in {exc.object!r}"
+        ) from None
     weights: list[int] = [count for _, count in items]
 
     pair_counts: dict[tuple[int, int], int] = {}
