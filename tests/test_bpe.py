@@ -370,3 +370,20 @@ def test_vocabulary_tiktoken_cannot_represent_falls_back():
 
     with pytest.raises(ValueError, match="same bytes"):
         hf_tokenizer_json(t)
+
+
+def _batch_in_pool_worker(merges):
+    from src.data import bpe_batch
+
+    bpe_batch.PARALLEL_MIN_CHARS = 10  # would start processes, were it not a daemon
+    tok = BPETokenizer(merges)
+    tok.backend_preference = "python"
+    return [a.tolist() for a in tok.encode_batch(CORPUS * 20, num_workers=2)]
+
+
+def test_encode_batch_inside_a_pool_worker(trained):
+    import multiprocessing
+
+    with multiprocessing.get_context("fork").Pool(1) as pool:
+        result = pool.apply(_batch_in_pool_worker, (trained.merges,))
+    assert result == [trained.encode(t) for t in CORPUS * 20]

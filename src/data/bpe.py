@@ -316,7 +316,8 @@ class BPETokenizer:
         dtype is uint16 when ``vocab_size <= 65536`` (the dtype of the token files), else
         uint32. ``num_workers`` threads (tiktoken backend) or processes (python backend)
         share the work, long texts included (see bpe_batch.py); default: all CPUs; 0 or 1:
-        this process only. Batches under 1 MB stay in this process on the python backend.
+        this process only. On the python backend, batches under 1 MB and calls from a
+        daemon process (e.g. a Pool worker, which may not start processes) stay here.
         """
         dtype = np.uint16 if self.vocab_size <= 65536 else np.uint32
         workers = (os.cpu_count() or 1) if num_workers is None else max(1, num_workers)
@@ -328,7 +329,7 @@ class BPETokenizer:
                 for text in texts:
                     _check_unicode(text)
                 raise
-        if workers <= 1 or sum(map(len, texts)) < bpe_batch.PARALLEL_MIN_CHARS:
+        if workers <= 1 or sum(map(len, texts)) < bpe_batch.PARALLEL_MIN_CHARS or bpe_batch.in_daemon():
             return [np.asarray(self._encode_python(t), dtype=dtype) for t in texts]
         return bpe_batch.encode_in_processes(self, texts, workers, dtype)
 

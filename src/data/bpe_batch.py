@@ -63,6 +63,11 @@ def _encode_group(group: list[tuple[int, str]]) -> list[np.ndarray]:
     return [np.asarray(tok.encode(piece), dtype=dtype) for _, piece in group]
 
 
+def in_daemon() -> bool:
+    """Whether this is a daemon process (a Pool worker), which may not start processes."""
+    return multiprocessing.current_process().daemon
+
+
 def encode_in_processes(tok, texts: Sequence[str], workers: int, dtype) -> list[np.ndarray]:
     """Encode ``texts`` with ``tok``'s pure-Python encoder in ``workers`` processes."""
     groups = split_work(texts, tok.pattern, GROUP_CHARS)
