@@ -13,6 +13,12 @@ to right); results are cached per chunk. ``encode`` treats every character as te
 literal "<|endoftext|>" typed by a user becomes ordinary tokens. Only
 ``encode_with_special`` turns special-token strings into their ids.
 
+That pure-Python encoder is the reference. When tiktoken is installed, the same
+tokenizer exported as a tiktoken.Encoding (bpe_interop.py) does the work ~3x faster with
+identical ids; it is checked against the reference on probe texts before first use.
+Force the reference with GPT_MODEL_BPE_BACKEND=python or ``tok.backend_preference =
+"python"``. Batch encoding (bpe_batch.py) uses threads or worker processes.
+
 Usage (run ``python src/data/bpe.py <command> --help`` for details):
     python src/data/bpe.py train --input FILE [FILE ...] --vocab-size N --output tokenizer.json
     python src/data/bpe.py encode --tokenizer tokenizer.json [--input FILE]    # ids, one per line
