@@ -10,8 +10,9 @@ In a terminal: type a message and press Enter; the reply streams as it is genera
 
 Piped (stdin is not a terminal): each input line is one message and gets one reply, one
 line on stdout (a line break inside a reply is written as a space; control characters such
-as ESC are never printed); there is no banner or prompt, and notices go to stderr, so stdout holds only the replies. Commands work too (their messages go to stderr). Empty and
-whitespace-only lines are skipped without a reply. A line that is not valid UTF-8 gets an
+as ESC are never printed, in a terminal either). There is no banner or prompt, and notices
+go to stderr, so stdout holds only the replies. Commands work too (their messages go to
+stderr). Empty and whitespace-only lines are skipped without a reply. A line that is not valid UTF-8 gets an
 error on stderr and no reply; the other lines are answered and the exit status is then 1
 (0 when every line was fine).
 
@@ -43,8 +44,12 @@ def read_lines_piped():
         try:
             yield raw.decode("utf-8").rstrip("\r\n")
         except UnicodeDecodeError as exc:
-            print(f"error: input line {number} is not valid UTF-8 (byte {exc.start}: "
-                  f"0x{raw[exc.start]:02x}); no reply", file=sys.stderr, flush=True)
+            print(
+                f"error: input line {number} is not valid UTF-8 (byte {exc.start}: "
+                f"0x{raw[exc.start]:02x}); no reply",
+                file=sys.stderr,
+                flush=True,
+            )
             yield None
 
 
@@ -90,14 +95,23 @@ def main(argv: list[str] | None = None) -> int:
         print(f"({message})", file=sys.stderr, flush=True)
 
     if interactive:
-        print(f"Chatting with {info['run_dir']} (step {info['step']}, "
-              f"{model.num_params() / 1e6:.1f}M parameters, context {session.context_length} "
-              f"tokens). /help for commands, Ctrl-D to leave.")
+        print(
+            f"Chatting with {info['run_dir']} (step {info['step']}, "
+            f"{model.num_params() / 1e6:.1f}M parameters, context {session.context_length} "
+            f"tokens). /help for commands, Ctrl-D to leave."
+        )
+
+    label = "bot> " if interactive else ""
+    pending_label = False  # the label is shown with the first piece, after any notice
 
     def show(piece: str) -> None:
-        piece = printable(piece)
+        nonlocal pending_label
+        if pending_label:
+            sys.stdout.write(label)
+            pending_label = False
+        piece = printable(piece)  # also drops "\r"
         if not interactive:  # one line per reply, whatever the model says
-            piece = piece.replace("\r\n", " ").replace("\n", " ").replace("\r", " ")
+            piece = piece.replace("\n", " ")
         sys.stdout.write(piece)
         sys.stdout.flush()
 
@@ -125,12 +139,16 @@ def main(argv: list[str] | None = None) -> int:
             if command.message:
                 print(command.message, file=talk, flush=True)
             continue
-        if interactive:
-            show("bot> ")
-        reply = session.reply(message_text(line), on_text=show, notice=notice)
+        pending_label = True
+        try:
+            reply = session.reply(message_text(line), on_text=show, notice=notice)
+            stopped = reply.finish_reason == "interrupted"
+        except KeyboardInterrupt:  # Ctrl-C before the reply began: no reply, the chat goes on
+            stopped = True
+        show("")  # the label, if the reply was empty
         sys.stdout.write("\n")
         sys.stdout.flush()
-        if reply.finish_reason == "interrupted":
+        if stopped:
             notice("reply stopped")
     return 1 if failed and not interactive else 0
 

@@ -38,7 +38,9 @@ def time_ours(model, prompt, new_tokens, batch, use_cache, settings=None, seed=0
     gen = torch.Generator().manual_seed(seed)
     start = time.perf_counter()
     first, out = None, []
-    for tokens in stream_ids(model, prompt, settings, num_samples=batch, use_cache=use_cache, generator=gen):
+    for tokens in stream_ids(
+        model, prompt, settings, num_samples=batch, use_cache=use_cache, generator=gen
+    ):
         if first is None:
             first = time.perf_counter() - start
         out.append(int(tokens[0]))
@@ -56,7 +58,7 @@ def time_hf(hf, prompt, new_tokens, batch):
         start = time.perf_counter()
         out = hf.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kwargs)
         total = time.perf_counter() - start
-    return first, total, out[0, len(prompt):].tolist()
+    return first, total, out[0, len(prompt) :].tolist()
 
 
 def best_of(fn, repeats):
@@ -77,10 +79,14 @@ def main() -> None:
     ctx = max(256, args.prompt_tokens + args.new_tokens)
     cfg = GPTConfig.from_preset("small", context_length=ctx)
     model = GPT(cfg).eval()
-    prompt = torch.randint(0, cfg.vocab_size, (args.prompt_tokens,), generator=torch.Generator().manual_seed(1)).tolist()
-    print(f"small preset, random weights: {model.num_params() / 1e6:.1f}M parameters, context {ctx}, "
-          f"vocab {cfg.vocab_size}; prompt {args.prompt_tokens} tokens, {args.new_tokens} new; "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    prompt = torch.randint(
+        0, cfg.vocab_size, (args.prompt_tokens,), generator=torch.Generator().manual_seed(1)
+    ).tolist()
+    print(
+        f"small preset, random weights: {model.num_params() / 1e6:.1f}M parameters, context {ctx}, "
+        f"vocab {cfg.vocab_size}; prompt {args.prompt_tokens} tokens, {args.new_tokens} new; "
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads"
+    )
 
     hf = None
     if not args.no_hf:
@@ -101,34 +107,66 @@ def main() -> None:
         time_ours(model, prompt, 8, batch, True)  # warm-up
         cells = [
             ("ours, KV cache", lambda b=batch: time_ours(model, prompt, n, b, True), args.repeats),
-            ("ours, KV cache, top-p sampling", lambda b=batch: time_ours(model, prompt, n, b, True, sampling), args.repeats),
+            (
+                "ours, KV cache, top-p sampling",
+                lambda b=batch: time_ours(model, prompt, n, b, True, sampling),
+                args.repeats,
+            ),
             ("ours, no cache", lambda b=batch: time_ours(model, prompt, n, b, False), 1),
         ]
         if hf is not None:
             time_hf(hf, prompt, 8, batch)  # warm-up
-            cells.append((f"transformers {hf_version} generate", lambda b=batch: time_hf(hf, prompt, n, b), args.repeats))
+            cells.append(
+                (
+                    f"transformers {hf_version} generate",
+                    lambda b=batch: time_hf(hf, prompt, n, b),
+                    args.repeats,
+                )
+            )
         greedy_ref = None
         for name, fn, repeats in cells:
             first, total, tokens = best_of(fn, repeats)
             if name == "ours, KV cache":
                 greedy_ref = tokens
             same = None if "sampling" in name else tokens == greedy_ref
-            rows.append(dict(impl=name, batch=batch, new_tokens=n, ttft_ms=first * 1e3, seconds=total,
-                             tokens_per_s=batch * n / total, same_tokens_as_ours=same))
-            print(f"  batch {batch}: {name:<40s} ttft {first * 1e3:7.1f} ms   {batch * n / total:8.1f} tok/s", flush=True)
+            rows.append(
+                dict(
+                    impl=name,
+                    batch=batch,
+                    new_tokens=n,
+                    ttft_ms=first * 1e3,
+                    seconds=total,
+                    tokens_per_s=batch * n / total,
+                    same_tokens_as_ours=same,
+                )
+            )
+            print(
+                f"  batch {batch}: {name:<40s} ttft {first * 1e3:7.1f} ms   {batch * n / total:8.1f} tok/s",
+                flush=True,
+            )
 
     print()
-    print(f"| {'implementation':<40s} | batch | TTFT ms | tokens/s | vs no-cache | greedy tokens = ours |")
+    print(
+        f"| {'implementation':<40s} | batch | TTFT ms | tokens/s | vs no-cache | greedy tokens = ours |"
+    )
     print(f"|{'-' * 42}|-------|---------|----------|-------------|---------------------|")
     for r in rows:
         base = next(x for x in rows if x["batch"] == r["batch"] and x["impl"] == "ours, no cache")
         r["speedup_vs_no_cache"] = r["tokens_per_s"] / base["tokens_per_s"]
-        same = "-" if r["same_tokens_as_ours"] is None else ("yes" if r["same_tokens_as_ours"] else "no")
-        print(f"| {r['impl']:<40s} | {r['batch']:5d} | {r['ttft_ms']:7.1f} | {r['tokens_per_s']:8.1f} | "
-              f"{r['speedup_vs_no_cache']:10.1f}x | {same:<19s} |")
+        same = (
+            "-"
+            if r["same_tokens_as_ours"] is None
+            else ("yes" if r["same_tokens_as_ours"] else "no")
+        )
+        print(
+            f"| {r['impl']:<40s} | {r['batch']:5d} | {r['ttft_ms']:7.1f} | {r['tokens_per_s']:8.1f} | "
+            f"{r['speedup_vs_no_cache']:10.1f}x | {same:<19s} |"
+        )
     for batch in args.batches:
         ours = next(x for x in rows if x["batch"] == batch and x["impl"] == "ours, KV cache")
-        peer = next((x for x in rows if x["batch"] == batch and x["impl"].startswith("transformers")), None)
+        peer = next(
+            (x for x in rows if x["batch"] == batch and x["impl"].startswith("transformers")), None
+        )
         line = f"batch {batch}: cache vs no cache {ours['speedup_vs_no_cache']:.1f}x (target >= 5x)"
         if peer:
             line += f"; ours vs transformers {ours['tokens_per_s'] / peer['tokens_per_s']:.2f}x (target >= 1x at batch 1)"
@@ -136,11 +174,19 @@ def main() -> None:
 
     out = Path(__file__).resolve().parent / "results" / "generate.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(out, {
-        "benchmark": "generate", "model": cfg.to_dict(), "prompt_tokens": args.prompt_tokens,
-        "new_tokens": n, "torch": torch.__version__, "threads": torch.get_num_threads(),
-        "machine": platform.platform(), "rows": rows,
-    })
+    write_json_atomic(
+        out,
+        {
+            "benchmark": "generate",
+            "model": cfg.to_dict(),
+            "prompt_tokens": args.prompt_tokens,
+            "new_tokens": n,
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "machine": platform.platform(),
+            "rows": rows,
+        },
+    )
     print(f"wrote {out}")
 
 

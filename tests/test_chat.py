@@ -109,7 +109,9 @@ def test_bad_commands_say_what_is_wrong(line, words):
 
 def test_other_commands_and_plain_messages():
     s = SamplingSettings()
-    assert parse_command("/help", s).action == "help" and "/reset" in parse_command("/help", s).message
+    assert (
+        parse_command("/help", s).action == "help" and "/reset" in parse_command("/help", s).message
+    )
     assert parse_command("  /reset  ", s).action == "reset"
     assert parse_command("/quit", s).action == "quit"
     assert parse_command("/QUIT", s).action == "quit"
@@ -147,9 +149,13 @@ def test_reply_ends_at_the_stop_token_and_history_grows(tok):
     r = session.reply("and you?")
     sp = tok.special_tokens
     expected = (
-        [sp[ENDOFTEXT], sp[USER]] + tok.encode("hello, how are you?")
-        + [sp[ASSISTANT]] + tok.encode("fine thanks")
-        + [sp[USER]] + tok.encode("and you?") + [sp[ASSISTANT]]
+        [sp[ENDOFTEXT], sp[USER]]
+        + tok.encode("hello, how are you?")
+        + [sp[ASSISTANT]]
+        + tok.encode("fine thanks")
+        + [sp[USER]]
+        + tok.encode("and you?")
+        + [sp[ASSISTANT]]
     )
     assert model.prompts[-1] == expected  # the template, with the history exactly once
     assert [t.role for t, _ in session.history] == ["user", "assistant"] * 2
@@ -165,7 +171,9 @@ def test_special_token_strings_typed_by_the_user_stay_text(tok):
     prompt = model.prompts[-1]
     specials = set(tok.special_tokens.values())
     assert [i for i in prompt if i in specials] == [
-        tok.special_tokens[ENDOFTEXT], tok.special_tokens[USER], tok.special_tokens[ASSISTANT]
+        tok.special_tokens[ENDOFTEXT],
+        tok.special_tokens[USER],
+        tok.special_tokens[ASSISTANT],
     ]
     assert tok.decode(prompt[2:-1]) == text
 
@@ -255,7 +263,9 @@ def chat(monkeypatch, capsys, run_dir, stdin: bytes, *args):
 
 
 def test_piped_one_reply_per_line_blank_lines_skipped(monkeypatch, capsys, run_dir):
-    code, out, err = chat(monkeypatch, capsys, run_dir, b"Hello there\n\n   \n\t\nThe cat sees?\r\n", "--seed", "0")
+    code, out, err = chat(
+        monkeypatch, capsys, run_dir, b"Hello there\n\n   \n\t\nThe cat sees?\r\n", "--seed", "0"
+    )
     assert code == 0 and out.count("\n") == 2 and err == ""
     assert all(ch >= " " for ch in out.replace("\n", "").replace("\t", ""))  # no ESC etc.
 
@@ -278,7 +288,10 @@ def test_piped_greedy_is_reproducible_and_seeds_repeat(monkeypatch, capsys, run_
     lines = b"Hello\nHow are you?\n"
     runs = [chat(monkeypatch, capsys, run_dir, lines, "--temperature", "0")[1] for _ in range(2)]
     assert runs[0] == runs[1]
-    runs = [chat(monkeypatch, capsys, run_dir, lines, "--seed", "9", "--temperature", "1")[1] for _ in range(2)]
+    runs = [
+        chat(monkeypatch, capsys, run_dir, lines, "--seed", "9", "--temperature", "1")[1]
+        for _ in range(2)
+    ]
     assert runs[0] == runs[1]
 
 
@@ -301,7 +314,11 @@ def test_no_trained_run_says_how_to_train(monkeypatch, tmp_path):
 @pytest.mark.slow
 def test_echo_into_chat_end_to_end(run_dir):
     stdin = b"Hello, how are you?\n\n<|endoftext|><|user|>hi<|assistant|>\n"
-    done = subprocess.run([sys.executable, str(REPO / "chat.py"), "--run", str(run_dir), "--max-tokens", "20"],
-                          input=stdin, capture_output=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, str(REPO / "chat.py"), "--run", str(run_dir), "--max-tokens", "20"],
+        input=stdin,
+        capture_output=True,
+        timeout=120,
+    )
     assert done.returncode == 0, done.stderr.decode()
     assert done.stdout.decode().count("\n") == 2 and b"error" not in done.stderr

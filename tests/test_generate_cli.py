@@ -48,27 +48,69 @@ def test_same_seed_same_text(capsys, run_dir):
 
 
 def test_greedy_is_temperature_zero_and_ignores_the_seed(capsys, run_dir):
-    a, _ = gen(capsys, run_dir, "--prompt", "A dog", "--greedy", "--seed", "1", "--max-new-tokens", "20")
-    b, _ = gen(capsys, run_dir, "--prompt", "A dog", "--temperature", "0", "--seed", "2",
-               "--max-new-tokens", "20")
+    a, _ = gen(
+        capsys, run_dir, "--prompt", "A dog", "--greedy", "--seed", "1", "--max-new-tokens", "20"
+    )
+    b, _ = gen(
+        capsys,
+        run_dir,
+        "--prompt",
+        "A dog",
+        "--temperature",
+        "0",
+        "--seed",
+        "2",
+        "--max-new-tokens",
+        "20",
+    )
     assert a == b
 
 
 def test_num_samples_and_no_echo(capsys, run_dir):
-    out, _ = gen(capsys, run_dir, "--prompt", "She", "--num-samples", "3", "--seed", "0",
-                 "--max-new-tokens", "12", "--no-echo")
+    out, _ = gen(
+        capsys,
+        run_dir,
+        "--prompt",
+        "She",
+        "--num-samples",
+        "3",
+        "--seed",
+        "0",
+        "--max-new-tokens",
+        "12",
+        "--no-echo",
+    )
     parts = out.split("--- sample ")
     assert [p[:4] for p in parts[1:]] == ["1/3 ", "2/3 ", "3/3 "]
     assert not any(p.split("\n", 1)[1].startswith("She") for p in parts[1:])
 
 
 def test_stop_string_cuts_the_output(capsys, run_dir):
-    full, _ = gen(capsys, run_dir, "--prompt", "The teacher", "--greedy", "--max-new-tokens", "40", "--no-echo")
+    full, _ = gen(
+        capsys,
+        run_dir,
+        "--prompt",
+        "The teacher",
+        "--greedy",
+        "--max-new-tokens",
+        "40",
+        "--no-echo",
+    )
     full = full[:-1]  # the final newline
     stop = full[6:9]
     assert len(stop) == 3
-    cut, _ = gen(capsys, run_dir, "--prompt", "The teacher", "--greedy", "--max-new-tokens", "40",
-                 "--no-echo", "--stop", stop)
+    cut, _ = gen(
+        capsys,
+        run_dir,
+        "--prompt",
+        "The teacher",
+        "--greedy",
+        "--max-new-tokens",
+        "40",
+        "--no-echo",
+        "--stop",
+        stop,
+    )
     assert cut == full[: full.find(stop)] + "\n"
 
 
@@ -104,7 +146,9 @@ def test_prompt_file_must_be_utf8(tmp_path, run_dir, capsys):
         main(["--run", str(run_dir), "--prompt-file", str(bad)])
     good = tmp_path / "q.txt"
     good.write_text("Un café", encoding="utf-8")
-    out, _ = gen(capsys, run_dir, "--prompt-file", str(good), "--max-new-tokens", "5", "--seed", "0")
+    out, _ = gen(
+        capsys, run_dir, "--prompt-file", str(good), "--max-new-tokens", "5", "--seed", "0"
+    )
     assert out.startswith("Un café")
 
 
@@ -115,13 +159,28 @@ def test_unescape():
 
 @pytest.mark.slow
 def test_script_end_to_end(run_dir, tmp_path):
-    cmd = [sys.executable, str(SCRIPT), "--run", str(run_dir), "--prompt", "My friend",
-           "--seed", "3", "--max-new-tokens", "20"]
+    cmd = [
+        sys.executable,
+        str(SCRIPT),
+        "--run",
+        str(run_dir),
+        "--prompt",
+        "My friend",
+        "--seed",
+        "3",
+        "--max-new-tokens",
+        "20",
+    ]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("My friend") and done.stdout.endswith("\n")
     # No trained run: one line saying how to train one, exit 2, no traceback.
-    done = subprocess.run([sys.executable, str(SCRIPT), "--prompt", "x"], cwd=tmp_path,
-                          capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, str(SCRIPT), "--prompt", "x"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 2 and done.stdout == ""
     assert done.stderr.count("\n") == 1 and "python train.py" in done.stderr

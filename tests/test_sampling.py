@@ -78,7 +78,9 @@ def test_greedy_is_argmax_and_sampling_follows_the_seed():
     s = SamplingSettings(temperature=1.3, top_k=20, top_p=0.9)
     a = [sample_next(logits, s, torch.Generator().manual_seed(7)) for _ in range(2)]
     assert torch.equal(a[0], a[1])
-    draws = {tuple(sample_next(logits, s, torch.Generator().manual_seed(i)).tolist()) for i in range(10)}
+    draws = {
+        tuple(sample_next(logits, s, torch.Generator().manual_seed(i)).tolist()) for i in range(10)
+    }
     assert len(draws) > 1  # different seeds, different draws
 
 
@@ -158,7 +160,12 @@ class CountingModel(torch.nn.Module):
 
 def test_cached_loop_prefills_once_then_feeds_one_token():
     m = CountingModel(context_length=64)
-    out = [t.tolist() for t in stream_ids(m, [1, 2, 3], SamplingSettings(max_new_tokens=5, greedy=True), num_samples=2)]
+    out = [
+        t.tolist()
+        for t in stream_ids(
+            m, [1, 2, 3], SamplingSettings(max_new_tokens=5, greedy=True), num_samples=2
+        )
+    ]
     assert out == [[4, 4], [5, 5], [6, 6], [7, 7], [8, 8]]
     assert m.calls == [3, 1, 1, 1, 1]  # no forward for a token never drawn
 
@@ -171,7 +178,11 @@ def test_uncached_loop_recomputes_the_sequence():
 
 def test_context_full_stops_under_stop_policy():
     m, notes = CountingModel(context_length=8), []
-    out = list(stream_ids(m, [0] * 6, SamplingSettings(max_new_tokens=100, greedy=True), notice=notes.append))
+    out = list(
+        stream_ids(
+            m, [0] * 6, SamplingSettings(max_new_tokens=100, greedy=True), notice=notes.append
+        )
+    )
     # 6 prompt tokens + 2 drawn fill the 8-token window; the draw after that still fits
     # (it is predicted from the full window) but no further token could be.
     assert len(out) == 3 and notes and "full" in notes[0]
@@ -183,7 +194,12 @@ def test_context_full_stops_under_stop_policy():
 def test_context_full_slides_under_slide_policy(use_cache):
     m, notes = CountingModel(context_length=8), []
     s = SamplingSettings(max_new_tokens=30, greedy=True)
-    out = [t.item() for t in stream_ids(m, [1] * 12, s, use_cache=use_cache, on_context_full="slide", notice=notes.append)]
+    out = [
+        t.item()
+        for t in stream_ids(
+            m, [1] * 12, s, use_cache=use_cache, on_context_full="slide", notice=notes.append
+        )
+    ]
     assert out == [(2 + i) % 50 for i in range(30)]  # the text goes on regardless
     assert len(notes) == 2  # the prompt was cut, and the window slid (said once)
     assert max(m.calls) == 8
@@ -245,8 +261,14 @@ def test_stop_token_ends_the_row_and_is_not_in_the_output(tok):
 def test_stop_string_cuts_the_text_and_never_streams_it(tok):
     m = ScriptModel([ord(ch) for ch in "one\n\ntwo"], tok.vocab_size)
     pieces = []
-    [c] = generate(m, tok, [tok.eot_id], SamplingSettings(greedy=True, max_new_tokens=20),
-                   stop_strings=["\n\n"], on_text=lambda row, p: pieces.append(p))
+    [c] = generate(
+        m,
+        tok,
+        [tok.eot_id],
+        SamplingSettings(greedy=True, max_new_tokens=20),
+        stop_strings=["\n\n"],
+        on_text=lambda row, p: pieces.append(p),
+    )
     assert (c.text, c.finish_reason) == ("one", "stop_string")
     assert "".join(pieces) == "one"
 
@@ -255,8 +277,13 @@ def test_max_new_tokens_and_streamed_pieces_are_whole_characters(tok):
     # "é" is two bytes (c3 a9) and reaches the decoder as two byte tokens.
     m = ScriptModel([0xC3, 0xA9, ord("!"), 0xE2, 0x82, 0xAC], tok.vocab_size)
     pieces = []
-    [c] = generate(m, tok, [tok.eot_id], SamplingSettings(greedy=True, max_new_tokens=6),
-                   on_text=lambda row, p: pieces.append(p))
+    [c] = generate(
+        m,
+        tok,
+        [tok.eot_id],
+        SamplingSettings(greedy=True, max_new_tokens=6),
+        on_text=lambda row, p: pieces.append(p),
+    )
     assert pieces == ["é", "!", "€"] and c.finish_reason == "length" and len(c.ids) == 6
     # Cut inside a character: the broken bytes are shown as U+FFFD at the end, not lost.
     [c] = generate(m, tok, [tok.eot_id], SamplingSettings(greedy=True, max_new_tokens=5))
@@ -300,8 +327,18 @@ def test_cache_gives_the_same_tokens_as_recomputing(gpt):
     assert torch.equal(with_cache, without)
     s = SamplingSettings(max_new_tokens=30, temperature=0.9, top_k=50, repetition_penalty=1.3)
     runs = [
-        torch.stack(list(stream_ids(gpt, [5, 6], s, num_samples=3, use_cache=c,
-                                    generator=torch.Generator().manual_seed(3))))
+        torch.stack(
+            list(
+                stream_ids(
+                    gpt,
+                    [5, 6],
+                    s,
+                    num_samples=3,
+                    use_cache=c,
+                    generator=torch.Generator().manual_seed(3),
+                )
+            )
+        )
         for c in (True, False)
     ]
     assert torch.equal(*runs)
@@ -320,7 +357,9 @@ def test_same_seed_same_text_and_samples_of_a_batch_differ(gpt, tok):
     s = SamplingSettings(max_new_tokens=20, temperature=1.0)
 
     def run(seed, n=3):
-        out = generate(gpt, tok, [tok.eot_id], s, num_samples=n, generator=torch.Generator().manual_seed(seed))
+        out = generate(
+            gpt, tok, [tok.eot_id], s, num_samples=n, generator=torch.Generator().manual_seed(seed)
+        )
         return [c.ids for c in out]
 
     first = run(123)

@@ -80,7 +80,7 @@ Commands:
   /quit                  leave (Ctrl-D also works)
   /settings              show the sampling settings
   /temperature X         0 = always the most likely token; higher = more varied (e.g. 0.8)
-  /top_p X               sample from the most likely tokens covering X of the probability (0 < X <= 1)
+  /top_p X               sample among the likeliest tokens that cover X of the probability
   /top_k N               sample from the N most likely tokens (0 = off)
   /max_tokens N          the longest reply, in tokens
   /repetition_penalty X  > 1 discourages repeating tokens (1 = off)
@@ -142,7 +142,7 @@ def parse_command(line: str, settings: SamplingSettings) -> Command | None:
     try:
         new = replace(settings, **{field_name: value})
     except ValueError as exc:  # "top_p must be in (0, 1], got 7.0" -> "/top_p must be ..."
-        raise CommandError(name + str(exc)[len(field_name):]) from None
+        raise CommandError(name + str(exc)[len(field_name) :]) from None
     return Command("set", settings=new, message=f"({name[1:]} = {arg})")
 
 
@@ -210,7 +210,9 @@ class ChatSession:
     def _turn_ids(self, turn: Turn) -> list[int]:
         return encode_chat(self.tokenizer, [turn], end=False)[0]
 
-    def build_prompt(self, text: str, notice: Notice | None = None) -> tuple[list[int], Turn, list[int]]:
+    def build_prompt(
+        self, text: str, notice: Notice | None = None
+    ) -> tuple[list[int], Turn, list[int]]:
         """The prompt ids for answering ``text``, and the message (turn, ids) as kept: cut
         from the front if it alone does not fit. Drops the history that no longer fits."""
         ctx = self.context_length

@@ -94,19 +94,35 @@ def settings_from_args(
         message = str(exc)  # starts with the field's name, e.g. "top_p must be in (0, 1] ..."
         field = message.split(" ", 1)[0]
         flag = max_tokens_flag if field == "max_new_tokens" else "--" + field.replace("_", "-")
-        raise UserError(flag + message[len(field):]) from None
+        raise UserError(flag + message[len(field) :]) from None
 
 
 def add_sampling_args(parser: argparse.ArgumentParser, temperature: float, top_p: float) -> None:
     """The sampling flags, shared with chat.py (the defaults differ)."""
-    parser.add_argument("--temperature", type=float, default=temperature,
-                        help=f"randomness; 0 = greedy (default {temperature})")
-    parser.add_argument("--top-k", type=int, default=0,
-                        help="sample among the K most likely tokens (default 0 = off)")
-    parser.add_argument("--top-p", type=float, default=top_p,
-                        help=f"nucleus: the most likely tokens covering P (default {top_p})")
-    parser.add_argument("--repetition-penalty", type=float, default=1.0,
-                        help="> 1 discourages tokens already in the text (default 1 = off)")
+    parser.add_argument(
+        "--temperature",
+        type=float,
+        default=temperature,
+        help=f"randomness; 0 = greedy (default {temperature})",
+    )
+    parser.add_argument(
+        "--top-k",
+        type=int,
+        default=0,
+        help="sample among the K most likely tokens (default 0 = off)",
+    )
+    parser.add_argument(
+        "--top-p",
+        type=float,
+        default=top_p,
+        help=f"nucleus: the most likely tokens covering P (default {top_p})",
+    )
+    parser.add_argument(
+        "--repetition-penalty",
+        type=float,
+        default=1.0,
+        help="> 1 discourages tokens already in the text (default 1 = off)",
+    )
     parser.add_argument("--seed", type=int, default=None, help="for reproducible output")
 
 
@@ -132,8 +148,13 @@ def main(argv: list[str] | None = None) -> int:
     add_sampling_args(parser, temperature=0.8, top_p=0.95)
     parser.add_argument("--greedy", action="store_true", help="always the most likely token")
     parser.add_argument("--num-samples", type=int, default=1, help="samples drawn as one batch")
-    parser.add_argument("--stop", action="append", default=[], metavar="TEXT",
-                        help="stop at this text (repeatable; \\n and \\t understood)")
+    parser.add_argument(
+        "--stop",
+        action="append",
+        default=[],
+        metavar="TEXT",
+        help="stop at this text (repeatable; \\n and \\t understood)",
+    )
     parser.add_argument("--no-echo", action="store_true", help="print only the continuation")
     args = parser.parse_args(argv)
 

@@ -57,16 +57,26 @@ class SamplingSettings:
     greedy: bool = False
 
     def __post_init__(self) -> None:
-        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be a whole number >= 1, got {self.max_new_tokens!r}")
+        if (
+            isinstance(self.max_new_tokens, bool)
+            or not isinstance(self.max_new_tokens, int)
+            or self.max_new_tokens < 1
+        ):
+            raise ValueError(
+                f"max_new_tokens must be a whole number >= 1, got {self.max_new_tokens!r}"
+            )
         if not (0.0 <= self.temperature <= 100.0):  # also rejects NaN
             raise ValueError(f"temperature must be between 0 and 100, got {self.temperature!r}")
-        if self.top_k is not None and (isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0):
+        if self.top_k is not None and (
+            isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0
+        ):
             raise ValueError(f"top_k must be a whole number >= 0 (0 = off), got {self.top_k!r}")
         if not (0.0 < self.top_p <= 1.0):
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
         if not (0.0 < self.repetition_penalty <= 100.0):
-            raise ValueError(f"repetition_penalty must be > 0 (1 = off), got {self.repetition_penalty!r}")
+            raise ValueError(
+                f"repetition_penalty must be > 0 (1 = off), got {self.repetition_penalty!r}"
+            )
 
     @property
     def is_greedy(self) -> bool:
@@ -77,7 +87,9 @@ class SamplingSettings:
 # 1. Logit processing: pure functions on (B, vocab) tensors.
 
 
-def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+def apply_repetition_penalty(
+    logits: torch.Tensor, seen: torch.Tensor, penalty: float
+) -> torch.Tensor:
     """The CTRL penalty (Keskar et al., 2019), as in Hugging Face: for every token already in
     the row (prompt or generated; ``seen`` is a (B, vocab) bool mask), a positive logit is
     divided by ``penalty`` and a negative one multiplied, so ``penalty > 1`` always makes
