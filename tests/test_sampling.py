@@ -372,3 +372,9 @@ def test_printable_drops_terminal_control_characters():
     from src.infer.sampling import printable
 
     assert printable("a\x1b[31mb\x00\tc\r\n\x7f\x9bé€") == "a[31mb\tc\né€"
+
+
+def test_grad_mode_does_not_leak_into_the_caller_between_steps():
+    m = CountingModel()
+    for _ in stream_ids(m, [1], SamplingSettings(max_new_tokens=3)):
+        assert torch.is_grad_enabled() and not torch.is_inference_mode_enabled()

@@ -204,21 +204,26 @@ def stream_ids(
 
     was_training = model.training
     model.eval()
+    # inference_mode is entered per step, never held across a ``yield``: it is thread-wide
+    # state and would otherwise leak into the caller's code between steps.
+    no_grad = torch.inference_mode
     try:
-        with torch.inference_mode():
+        with no_grad():
             cache = model.new_kv_cache(num_samples, ctx, device=device) if use_cache else None
             logits = model(seq, cache=cache) if use_cache else model(seq)
-            slid = False
-            for step in range(settings.max_new_tokens):
+        slid = False
+        for step in range(settings.max_new_tokens):
+            with no_grad():
                 last = logits[:, -1]
                 if ban is not None:
                     last = last.masked_fill(ban, float("-inf"))
                 nxt = sample_next(last, settings, generator, seen)
                 if seen is not None:
                     seen[torch.arange(num_samples, device=device), nxt] = True
-                yield nxt.cpu()
-                if step == settings.max_new_tokens - 1:
-                    break  # no forward pass for a token nobody will draw
+            yield nxt.cpu()
+            if step == settings.max_new_tokens - 1:
+                break  # no forward pass for a token nobody will draw
+            with no_grad():
                 seq = torch.cat([seq, nxt[:, None]], dim=1)
                 if seq.size(1) > ctx:  # the new token does not fit in the window
                     if on_context_full == "stop":
