@@ -86,7 +86,7 @@ def test_preset_parameter_counts(name):
         model = GPT(cfg)
     n = model.num_params()
     assert n == EXPECTED_PARAMS[name]
-    # Hand count: embedding + per layer (qkv, o, gate+up, down, 2 norms) + final norm.
+    # Hand count: embedding + per layer (q, k, v, o, gate, up, down, 2 norms) + final norm.
     c = cfg
     per_layer = (c.d_model * (c.n_head + 2 * c.n_kv_head) * c.head_dim + c.d_model * c.d_model
                  + 3 * c.d_model * c.d_ff + 2 * c.d_model)

@@ -1,15 +1,7 @@
 """Convert our GPT to and from Hugging Face ``transformers``' LlamaForCausalLM.
 
-Our default architecture is Llama's, so conversion is only renaming and splitting:
-  tok_emb                      <-> model.embed_tokens
-  blocks.i.attn_norm           <-> model.layers.i.input_layernorm
-  blocks.i.attn.qkv (fused)    <-> model.layers.i.self_attn.{q,k,v}_proj (rows, in that order)
-  blocks.i.attn.o_proj         <-> model.layers.i.self_attn.o_proj
-  blocks.i.mlp_norm            <-> model.layers.i.post_attention_layernorm
-  blocks.i.mlp.gate_up (fused) <-> model.layers.i.mlp.{gate,up}_proj (rows, in that order)
-  blocks.i.mlp.down_proj       <-> model.layers.i.mlp.down_proj
-  norm, lm_head                <-> model.norm, lm_head
-RoPE needs no permutation: both use the rotate_half layout. ``transformers`` is imported
+Our default architecture is Llama's, so conversion is only renaming (the tables below).
+RoPE needs no permutation of the q/k weights: both use the rotate_half layout. ``transformers`` is imported
 lazily, so the rest of the project does not need it.
 """
 
@@ -77,51 +69,48 @@ def from_hf_config(hf_config: LlamaConfig) -> GPTConfig:
     )
 
 
+# Our parameter names -> Llama's; "{i}" is the layer index.
+_GLOBAL_NAMES = {
+    "tok_emb.weight": "model.embed_tokens.weight",
+    "norm.weight": "model.norm.weight",
+    "lm_head.weight": "lm_head.weight",
+}
+_LAYER_NAMES = {
+    "attn_norm.weight": "input_layernorm.weight",
+    "attn.q_proj.weight": "self_attn.q_proj.weight",
+    "attn.k_proj.weight": "self_attn.k_proj.weight",
+    "attn.v_proj.weight": "self_attn.v_proj.weight",
+    "attn.o_proj.weight": "self_attn.o_proj.weight",
+    "mlp_norm.weight": "post_attention_layernorm.weight",
+    "mlp.gate_proj.weight": "mlp.gate_proj.weight",
+    "mlp.up_proj.weight": "mlp.up_proj.weight",
+    "mlp.down_proj.weight": "mlp.down_proj.weight",
+}
+
+
+def _name_pairs(config: GPTConfig) -> list[tuple[str, str]]:
+    """(our name, Llama's name) for every weight of a model of this config."""
+    pairs = list(_GLOBAL_NAMES.items())
+    for i in range(config.n_layer):
+        pairs += [(f"blocks.{i}.{ours}", f"model.layers.{i}.{theirs}")
+                  for ours, theirs in _LAYER_NAMES.items()]
+    return pairs
+
+
 def to_hf_state_dict(model: GPT) -> dict[str, torch.Tensor]:
-    """Our weights under Llama's names (tensors are views/copies; ours are not modified)."""
-    c = model.config
+    """Our weights under Llama's names (the same tensors, not copies). When tied, lm_head is
+    the embedding itself, as in Llama."""
     sd = model.state_dict()
-    q_rows, kv_rows = c.n_head * c.head_dim, c.n_kv_head * c.head_dim
-    out = {"model.embed_tokens.weight": sd["tok_emb.weight"], "model.norm.weight": sd["norm.weight"]}
-    for i in range(c.n_layer):
-        ours, theirs = f"blocks.{i}.", f"model.layers.{i}."
-        q, k, v = sd[ours + "attn.qkv.weight"].split([q_rows, kv_rows, kv_rows], dim=0)
-        gate, up = sd[ours + "mlp.gate_up.weight"].chunk(2, dim=0)
-        out.update({
-            theirs + "input_layernorm.weight": sd[ours + "attn_norm.weight"],
-            theirs + "self_attn.q_proj.weight": q,
-            theirs + "self_attn.k_proj.weight": k,
-            theirs + "self_attn.v_proj.weight": v,
-            theirs + "self_attn.o_proj.weight": sd[ours + "attn.o_proj.weight"],
-            theirs + "post_attention_layernorm.weight": sd[ours + "mlp_norm.weight"],
-            theirs + "mlp.gate_proj.weight": gate,
-            theirs + "mlp.up_proj.weight": up,
-            theirs + "mlp.down_proj.weight": sd[ours + "mlp.down_proj.weight"],
-        })
-    out["lm_head.weight"] = sd["lm_head.weight"]  # the embedding itself when tied
-    return out
+    return {theirs: sd[ours] for ours, theirs in _name_pairs(model.config)}
 
 
 def from_hf_state_dict(hf_sd: dict[str, torch.Tensor], config: GPTConfig) -> dict[str, torch.Tensor]:
     """Llama-named weights -> a state dict for ``GPT(config)``."""
-    out = {"tok_emb.weight": hf_sd["model.embed_tokens.weight"],
-           "norm.weight": hf_sd["model.norm.weight"]}
-    for i in range(config.n_layer):
-        ours, theirs = f"blocks.{i}.", f"model.layers.{i}."
-        out.update({
-            ours + "attn_norm.weight": hf_sd[theirs + "input_layernorm.weight"],
-            ours + "attn.qkv.weight": torch.cat([hf_sd[theirs + f"self_attn.{n}_proj.weight"]
-                                                 for n in ("q", "k", "v")], dim=0),
-            ours + "attn.o_proj.weight": hf_sd[theirs + "self_attn.o_proj.weight"],
-            ours + "mlp_norm.weight": hf_sd[theirs + "post_attention_layernorm.weight"],
-            ours + "mlp.gate_up.weight": torch.cat([hf_sd[theirs + "mlp.gate_proj.weight"],
-                                                    hf_sd[theirs + "mlp.up_proj.weight"]], dim=0),
-            ours + "mlp.down_proj.weight": hf_sd[theirs + "mlp.down_proj.weight"],
-        })
-    if config.tie_embeddings:
-        out["lm_head.weight"] = out["tok_emb.weight"]
-    else:
-        out["lm_head.weight"] = hf_sd["lm_head.weight"]
+    out = {ours: hf_sd[theirs] for ours, theirs in _name_pairs(config)
+           if theirs != "lm_head.weight"}
+    # A tied Llama may or may not list lm_head.weight; either way it is the embedding.
+    out["lm_head.weight"] = (out["tok_emb.weight"] if config.tie_embeddings
+                             else hf_sd["lm_head.weight"])
     return out
 
 
