@@ -378,3 +378,18 @@ def test_grad_mode_does_not_leak_into_the_caller_between_steps():
     m = CountingModel()
     for _ in stream_ids(m, [1], SamplingSettings(max_new_tokens=3)):
         assert torch.is_grad_enabled() and not torch.is_inference_mode_enabled()
+
+
+def test_top_p_fast_path_equals_the_full_sort():
+    # Peaked rows (nucleus within the 256 likeliest) and a flat row (it needs a full sort).
+    g = torch.Generator().manual_seed(0)
+    peaked = torch.randn(3, 5000, generator=g) * 6
+    flat = torch.randn(1, 5000, generator=g) * 0.01
+    for logits in (peaked, torch.cat([peaked, flat])):
+        for p in (0.5, 0.9, 0.99):
+            sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+            probs = torch.softmax(sorted_logits, dim=-1)
+            drop = torch.zeros_like(probs, dtype=torch.bool).scatter(
+                -1, order, (probs.cumsum(-1) - probs) >= p
+            )
+            assert torch.equal(torch.isinf(apply_top_p(logits, p)), drop)
