@@ -1,0 +1,197 @@
+"""Model speed: forward + backward of our GPT vs transformers' LlamaForCausalLM of the same shape.
+
+    python bench/model.py                            # CPU rows (~3-5 minutes on 2 cores)
+    python bench/model.py --presets small --dtypes fp32 --rounds 3
+    python bench/model.py --device cuda --presets gpt-60m,gpt-125m --dtypes bf16 --compile
+
+A row is (preset, dtype, batch x sequence). For each row both implementations run the same
+work: forward on random token ids, mean cross-entropy against random targets (for Llama,
+computed on its logits exactly as our model does), backward. No optimiser: this measures the
+model, not the training loop (bench/train.py does that). Llama uses its SDPA attention.
+
+Every measurement runs in its own subprocess, so its peak memory is its own:
+  * tokens/s   batch * seq / seconds of the best timed step (best, not mean, because the 2 cores
+               are shared with other work and interruptions only ever make a step slower);
+  * peak MiB   on CPU the growth of the process's peak resident memory (VmHWM, reset through
+               /proc/self/clear_refs) over the resident memory before the step, i.e.
+               activations + gradients + temporaries; on CUDA max_memory_allocated growth.
+Subprocesses alternate ours / Llama for ``--rounds`` rounds and each keeps its best, so a burst
+of load from elsewhere hits both sides alike. On a GPU it also reports model FLOPs utilisation
+(MFU) from GPT.flops_per_token's formula at the benchmarked sequence length.
+
+bf16 means autocast (weights stay fp32), as in training. JSON goes to bench/results/model.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import platform
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root
+
+import torch
+import torch.nn.functional as F
+
+from src.model.gpt import GPT, GPTConfig
+from src.utils.atomic import write_json_atomic
+
+# (batch, seq) per device, dtype and preset. bf16 on a CPU without native bf16 instructions
+# is emulated and tens of times slower than fp32, so its CPU rows are kept short.
+SHAPES = {
+    ("cpu", "fp32"): {"tiny": (8, 64), "small": (4, 256), "gpt-60m": (1, 256)},
+    ("cpu", "bf16"): {"tiny": (8, 64), "small": (1, 64), "gpt-60m": (1, 32)},
+    ("cuda", "fp32"): {"tiny": (64, 64), "small": (32, 256), "gpt-60m": (16, 1024),
+                       "gpt-125m": (16, 1024)},
+    ("cuda", "bf16"): {"tiny": (64, 64), "small": (32, 256), "gpt-60m": (16, 1024),
+                       "gpt-125m": (16, 1024)},
+}
+IMPLS = ("ours", "hf llama")
+PEAK_TFLOPS = {"NVIDIA H100": 989.0, "NVIDIA H200": 989.0, "NVIDIA A100": 312.0}  # dense bf16
+
+
+def rss_kib(field: str) -> int:
+    """A memory figure of this process from /proc/self/status, in KiB (Linux only)."""
+    return int(re.search(rf"{field}:\s+(\d+)", Path("/proc/self/status").read_text()).group(1))
+
+
+def worker(preset: str, impl: str, dtype: str, batch: int, seq: int, steps: int,
+           device: str, compile_: bool) -> dict:
+    """Time ``steps`` forward+backward passes of one implementation (in its own process)."""
+    torch.manual_seed(0)
+    cfg = GPTConfig.from_preset(preset)
+    if impl == "ours":
+        model = GPT(cfg).to(device)
+        step_model = torch.compile(model) if compile_ else model
+
+        def loss_fn(x, y):
+            return step_model(x, y)[1]
+    else:
+        from transformers import LlamaForCausalLM
+
+        from src.model.hf_llama import to_hf_config
+
+        hf_cfg = to_hf_config(cfg)
+        hf_cfg._attn_implementation = "sdpa"
+        model = LlamaForCausalLM(hf_cfg).to(device)
+        step_model = torch.compile(model) if compile_ else model
+
+        def loss_fn(x, y):
+            logits = step_model(input_ids=x).logits
+            return F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.reshape(-1))
+
+    model.train()
+    x = torch.randint(0, cfg.vocab_size, (batch, seq), device=device)
+    y = torch.randint(0, cfg.vocab_size, (batch, seq), device=device)
+    autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=dtype == "bf16")
+    cuda = device == "cuda"
+
+    def step() -> float:
+        t0 = time.perf_counter()
+        with autocast:
+            loss = loss_fn(x, y)
+        loss.backward()
+        if cuda:
+            torch.cuda.synchronize()
+        model.zero_grad(set_to_none=True)
+        return time.perf_counter() - t0
+
+    for _ in range(3 if compile_ else 1):  # warm-up (and compilation)
+        step()
+    gc.collect()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    else:
+        base = rss_kib("VmRSS") * 1024
+        Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
+    best = min(step() for _ in range(steps))
+    peak = torch.cuda.max_memory_allocated() if cuda else rss_kib("VmHWM") * 1024
+    return {"tokens_per_s": batch * seq / best, "step_s": best, "peak_mib": (peak - base) / 2**20}
+
+
+def run_worker(args: argparse.Namespace, preset: str, impl: str, dtype: str, batch: int,
+               seq: int) -> dict:
+    """Run :func:`worker` in a fresh Python process and return its result."""
+    cmd = [sys.executable, __file__, "--worker", json.dumps(
+        [preset, impl, dtype, batch, seq, args.steps, args.device, args.compile])]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"worker {preset}/{impl}/{dtype} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def flops_per_token_at(preset: str, seq: int) -> float:
+    """GPT.flops_per_token's formula with the attention term at the benchmarked length."""
+    with torch.device("meta"):
+        model = GPT(GPTConfig.from_preset(preset, context_length=seq))
+    return model.flops_per_token()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--presets", default="tiny,small,gpt-60m")
+    parser.add_argument("--dtypes", default="fp32,bf16")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--compile", action="store_true", help="torch.compile both models")
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per subprocess")
+    parser.add_argument("--rounds", type=int, default=2, help="subprocesses per implementation")
+    parser.add_argument("--out", default="bench/results/model.json")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        print(json.dumps(worker(*json.loads(args.worker))))
+        return 0
+
+    peak_tflops = None
+    if args.device == "cuda":
+        name = torch.cuda.get_device_name()
+        peak_tflops = next((v for k, v in PEAK_TFLOPS.items() if name.startswith(k)), None)
+    rows = []
+    header = (f"{'preset':9} {'dtype':5} {'batch x seq':>11} | {'ours tok/s':>10} "
+              f"{'llama tok/s':>11} {'ratio':>6} | {'ours MiB':>8} {'llama MiB':>9}")
+    print(header + ("  MFU ours / llama" if peak_tflops else ""))
+    print("-" * len(header))
+    for dtype in args.dtypes.split(","):
+        for preset in args.presets.split(","):
+            batch, seq = SHAPES[(args.device, dtype)][preset]
+            runs: dict[str, list[dict]] = {impl: [] for impl in IMPLS}
+            for r in range(args.rounds):
+                # Alternate which side goes first so neither always runs on a "cold" machine.
+                for impl in (IMPLS if r % 2 == 0 else IMPLS[::-1]):
+                    runs[impl].append(run_worker(args, preset, impl, dtype, batch, seq))
+            # Best speed and least memory over the rounds: interference only makes both worse.
+            ours, hf = ({"tokens_per_s": max(r["tokens_per_s"] for r in runs[impl]),
+                         "peak_mib": min(r["peak_mib"] for r in runs[impl])} for impl in IMPLS)
+            row = {"preset": preset, "dtype": dtype, "batch": batch, "seq": seq,
+                   "ours": ours, "hf_llama": hf,
+                   "speed_ratio": ours["tokens_per_s"] / hf["tokens_per_s"]}
+            line = (f"{preset:9} {dtype:5} {f'{batch} x {seq}':>11} | "
+                    f"{ours['tokens_per_s']:10.0f} {hf['tokens_per_s']:11.0f} "
+                    f"{row['speed_ratio']:6.2f} | {ours['peak_mib']:8.0f} {hf['peak_mib']:9.0f}")
+            if peak_tflops:
+                fpt = flops_per_token_at(preset, seq)
+                row["mfu"] = {k: fpt * v["tokens_per_s"] / (peak_tflops * 1e12)
+                              for k, v in (("ours", ours), ("hf_llama", hf))}
+                line += f"  {row['mfu']['ours']:.1%} / {row['mfu']['hf_llama']:.1%}"
+            print(line, flush=True)
+            rows.append(row)
+    result = {
+        "benchmark": "model forward+backward", "device": args.device, "compile": args.compile,
+        "torch": torch.__version__, "cpu": platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(), "steps": args.steps, "rounds": args.rounds,
+        "peak_tflops": peak_tflops, "rows": rows,
+    }
+    write_json_atomic(args.out, result)
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
