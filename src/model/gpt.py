@@ -3,7 +3,7 @@
 Read top to bottom:
   1. GPTConfig  - every hyperparameter, validated, plus the named presets.
   2. RoPE       - rotary position embeddings (precomputed cos/sin tables).
-  3. KVCache    - preallocated keys/values so generation does O(1) work per new token.
+  3. KVCache    - preallocated keys/values, so generating a token does not recompute the past.
   4. Attention, MLP, Block - the Transformer layer: pre-norm RMSNorm, causal grouped-query
                   attention through scaled_dot_product_attention, SwiGLU feed-forward.
   5. GPT        - embeddings, the stack of blocks, the output head, the one init function,
