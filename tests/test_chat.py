@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import io
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from src.data.chat_template import Turn
 from src.data.special_tokens import ASSISTANT, ENDOFTEXT, USER
@@ -20,6 +22,17 @@ from src.infer.chat_session import (
 )
 from src.infer.sampling import SamplingSettings
 from src.utils.cli import UserError
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models gain nothing from more threads, and on cores shared with other processes
+    OpenMP's waits can make a 1 ms forward pass take half a second."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
 
 # ---------------------------------------------------------------- fitting the context
 
@@ -319,6 +332,7 @@ def test_echo_into_chat_end_to_end(run_dir):
         input=stdin,
         capture_output=True,
         timeout=120,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     assert done.returncode == 0, done.stderr.decode()
     assert done.stdout.decode().count("\n") == 2 and b"error" not in done.stderr

@@ -5,11 +5,13 @@ Most tests call ``main`` in this process (fast); two run the script as a user wo
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from src.infer.generate import main, unescape
 from src.utils.cli import UserError
@@ -17,6 +19,17 @@ from tests.fixtures import make_tiny_run
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "src" / "infer" / "generate.py"
+ONE_THREAD_ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # see one_thread below
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models gain nothing from more threads, and on cores shared with other processes
+    OpenMP's waits can make a 1 ms forward pass take half a second."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def shared_tiny_run(tmp_path_factory) -> Path:
@@ -171,7 +184,7 @@ def test_script_end_to_end(run_dir, tmp_path):
         "--max-new-tokens",
         "20",
     ]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=ONE_THREAD_ENV)
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("My friend") and done.stdout.endswith("\n")
     # No trained run: one line saying how to train one, exit 2, no traceback.
@@ -181,6 +194,7 @@ def test_script_end_to_end(run_dir, tmp_path):
         capture_output=True,
         text=True,
         timeout=120,
+        env=ONE_THREAD_ENV,
     )
     assert done.returncode == 2 and done.stdout == ""
     assert done.stderr.count("\n") == 1 and "python train.py" in done.stderr
