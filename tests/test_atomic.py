@@ -31,6 +31,17 @@ def test_atomic_path_for_library_writers(tmp_path):
     assert p.read_bytes() == b"abc"
 
 
+def test_files_get_ordinary_permissions(tmp_path):
+    import os
+
+    umask = os.umask(0o022)
+    try:
+        write_json_atomic(tmp_path / "a.json", {})
+    finally:
+        os.umask(umask)
+    assert (tmp_path / "a.json").stat().st_mode & 0o777 == 0o644
+
+
 def test_atomic_open_rejects_read_mode(tmp_path):
     with pytest.raises(ValueError), atomic_open(tmp_path / "x", "rb"):
         pass

@@ -17,6 +17,21 @@ from pathlib import Path
 from typing import IO, Any
 
 
+def _default_mode() -> int:
+    """The permissions a plain ``open(path, "w")`` would give (mkstemp's are 0600)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+def _temp_beside(path: Path) -> tuple[int, Path]:
+    """A new temporary file in ``path``'s folder (same file system, so rename is atomic)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.fchmod(fd, _default_mode())
+    return fd, Path(tmp_name)
+
+
 def _fsync_dir(folder: Path) -> None:
     """Persist a rename: fsync the folder entry (a no-op where the OS does not allow it)."""
     try:
@@ -41,9 +56,7 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb", encoding: str | None 
     if "w" not in mode:
         raise ValueError(f"atomic_open is for writing, got mode {mode!r}")
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    tmp = Path(tmp_name)
+    fd, tmp = _temp_beside(path)
     try:
         with os.fdopen(fd, mode, encoding=encoding) as f:
             yield f
@@ -61,10 +74,8 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path`` for a library that writes files itself
     (e.g. ``safetensors.torch.save_file``); it is fsync'ed and renamed on success."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = _temp_beside(path)
     os.close(fd)
-    tmp = Path(tmp_name)
     try:
         yield tmp
         with open(tmp, "rb+") as f:
