@@ -141,15 +141,16 @@ def main(argv: list[str] | None = None) -> int:
             continue
         pending_label = True
         try:
-            reply = session.reply(message_text(line), on_text=show, notice=notice)
-            stopped = reply.finish_reason == "interrupted"
+            ending = session.reply(message_text(line), on_text=show, notice=notice).finish_reason
         except KeyboardInterrupt:  # Ctrl-C before the reply began: no reply, the chat goes on
-            stopped = True
+            ending = "interrupted"
         show("")  # the label, if the reply was empty
         sys.stdout.write("\n")
         sys.stdout.flush()
-        if stopped:
+        if ending == "interrupted":
             notice("reply stopped")
+        elif ending == "context":
+            notice("the reply reached the end of the context; /reset starts afresh")
     return 1 if failed and not interactive else 0
 
 

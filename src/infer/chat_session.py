@@ -16,7 +16,8 @@ Fitting the context. The prompt may use the context minus the room kept for the 
 (``max_tokens``, but at most half the context). When the history no longer fits, the oldest
 exchanges (a user turn and its reply) are dropped first; the current message never is.
 A message that alone is longer than that room keeps its end (cut from the front), with a
-notice. A reply that reaches the end of the context stops there, with a notice.
+notice. A reply that reaches the end of the context stops there (``finish_reason``
+"context"; chat.py says so).
 
 Text a user types is plain text even when it spells a special token such as
 ``<|endoftext|>``: ``encode_chat`` encodes turn text with the tokenizer's plain ``encode``.
@@ -246,7 +247,9 @@ class ChatSession:
         """Answer the user's ``text``; raises ``ValueError`` for an empty or blank message.
 
         Ctrl-C (``KeyboardInterrupt``) during the reply stops it; the part already streamed
-        is kept in the history and returned with ``finish_reason == "interrupted"``.
+        is kept in the history and returned with ``finish_reason == "interrupted"``. A reply
+        cut by the end of the context has ``finish_reason == "context"``. ``notice`` receives
+        what happened to the history (turns dropped, the message cut) before the reply.
         """
         if not text.strip():
             raise ValueError("an empty message gets no reply")
@@ -272,8 +275,6 @@ class ChatSession:
             result = Reply(completion.text, completion.finish_reason)
         except KeyboardInterrupt:
             result = Reply("".join(pieces), "interrupted")
-        if result.finish_reason == "context" and notice:
-            notice("the reply reached the end of the context; /reset starts afresh")
         self.history.append((user_turn, message))
         answer = Turn("assistant", result.text)
         self.history.append((answer, self._turn_ids(answer)))
