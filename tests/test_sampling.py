@@ -404,3 +404,31 @@ def test_top_p_fast_path_equals_the_full_sort():
                 -1, order, (probs.cumsum(-1) - probs) >= p
             )
             assert torch.equal(torch.isinf(apply_top_p(logits, p)), drop)
+
+
+class FixedModel(torch.nn.Module):
+    """The same next-token logits after any input."""
+
+    def __init__(self, logits, context_length=32):
+        super().__init__()
+        self.config = SimpleNamespace(vocab_size=len(logits), context_length=context_length)
+        self.logits = torch.tensor(logits)
+        self.w = torch.nn.Parameter(torch.zeros(1))
+
+    def new_kv_cache(self, batch_size, max_length, device=None, dtype=None):
+        return None  # the loop passes it back; this model needs none
+
+    def forward(self, idx, cache=None):
+        return self.logits.expand(idx.size(0), idx.size(1), -1)
+
+
+def test_stop_tokens_are_exempt_from_the_repetition_penalty(tok):
+    # The stop token (in the prompt) is likelier than "a"; penalised by 2 it would not be.
+    logits = [0.0] * tok.vocab_size
+    logits[tok.eot_id], logits[ord("a")] = 3.0, 2.0
+    s = SamplingSettings(greedy=True, repetition_penalty=2.0, max_new_tokens=5)
+    [c] = generate(FixedModel(logits), tok, [tok.eot_id], s, stop_ids=[tok.eot_id])
+    assert c.finish_reason == "stop_token" and c.ids == []
+    # Without the exemption (the bare loop) the penalty does apply to prompt tokens.
+    ids = [t.item() for t in stream_ids(FixedModel(logits), [tok.eot_id], s)]
+    assert ids[0] == ord("a")

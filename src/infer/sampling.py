@@ -179,12 +179,13 @@ def stream_ids(
     on_context_full: ContextPolicy = "stop",
     notice: Callable[[str], None] | None = None,
     banned_ids: Sequence[int] = (),
+    unpenalised_ids: Sequence[int] = (),
 ) -> Iterator[torch.Tensor]:
     """Yield the sampled next tokens, one (num_samples,) long tensor per step on the CPU, at
     most ``settings.max_new_tokens`` steps. Fewer steps are yielded only when the context
     is full under ``on_context_full="stop"``. Stop tokens are the caller's business: it
-    simply stops iterating. ``banned_ids`` are never drawn. The model is in eval mode while
-    this runs, then restored.
+    simply stops iterating. ``banned_ids`` are never drawn; ``unpenalised_ids`` are exempt
+    from the repetition penalty. The model is in eval mode while this runs, then restored.
     """
     if num_samples < 1:
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
@@ -209,7 +210,9 @@ def stream_ids(
     seen = None
     if settings.repetition_penalty != 1.0:
         seen = torch.zeros(num_samples, vocab, dtype=torch.bool, device=device)
+        exempt = torch.tensor(list(unpenalised_ids), dtype=torch.long, device=device)
         seen[:, seq[0]] = True
+        seen[:, exempt] = False
 
     was_training = model.training
     model.eval()
@@ -229,6 +232,7 @@ def stream_ids(
                 nxt = sample_next(last, settings, generator, seen)
                 if seen is not None:
                     seen[torch.arange(num_samples, device=device), nxt] = True
+                    seen[:, exempt] = False
             yield nxt.cpu()
             if step == settings.max_new_tokens - 1:
                 break  # no forward pass for a token nobody will draw
@@ -393,6 +397,8 @@ def generate(
         on_context_full=on_context_full,
         notice=notice,
         banned_ids=undecodable_ids(tokenizer, model.config.vocab_size),
+        # A stop token is in every chat prompt; penalising it would make replies run on.
+        unpenalised_ids=list(stop_set),
     )
     n_steps = 0
     with contextlib.closing(steps):
