@@ -47,7 +47,7 @@ from src.utils.atomic import write_json_atomic
 # slower than fp32, so the CPU bf16 rows are short and leave gpt-60m out (minutes per step).
 SHAPES = {
     ("cpu", "fp32"): {"tiny": (8, 64), "small": (4, 256), "gpt-60m": (1, 256)},
-    ("cpu", "bf16"): {"tiny": (4, 64), "small": (1, 64)},
+    ("cpu", "bf16"): {"tiny": (4, 64), "small": (1, 32)},
     ("cuda", "fp32"): {"tiny": (64, 64), "small": (32, 256), "gpt-60m": (16, 1024),
                        "gpt-125m": (16, 1024)},
     ("cuda", "bf16"): {"tiny": (64, 64), "small": (32, 256), "gpt-60m": (16, 1024),
