@@ -307,6 +307,12 @@ def test_ids_without_a_token_are_never_drawn(tok):
     m = ScriptModel([unassigned], tok.vocab_size)
     [c] = generate(m, tok, [tok.eot_id], SamplingSettings(greedy=True, max_new_tokens=3))
     assert unassigned not in c.ids and len(c.ids) == 3
+    # A model vocabulary larger than the tokenizer's: the extra ids have no text either.
+    from src.infer.sampling import undecodable_ids
+
+    bad = undecodable_ids(tok, tok.vocab_size + 5)
+    assert unassigned in bad and bad[-5:] == list(range(tok.vocab_size, tok.vocab_size + 5))
+    assert tok.eot_id not in bad and 0 not in bad
 
 
 def test_context_stop_reason(tok):

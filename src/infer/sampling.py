@@ -267,13 +267,14 @@ def undecodable_ids(tokenizer, vocab_size: int) -> list[int]:
     """Ids below ``vocab_size`` that are no token of ``tokenizer`` (reserved special ids with
     nothing assigned, or a model vocabulary larger than the tokenizer's): a model with
     untrained or random weights could draw them, and they have no text."""
+    known = min(vocab_size, tokenizer.vocab_size)
     bad = []
-    for i in range(vocab_size):
+    for i in range(known):
         try:
             tokenizer.token_bytes(i)
         except ValueError:
             bad.append(i)
-    return bad
+    return bad + list(range(known, vocab_size))
 
 
 # Control characters other than tab and newline: C0, DEL and C1. A model can emit them (an
