@@ -114,4 +114,11 @@ def make_tiny_run(tmp_dir: str | Path, *, steps: int = 6, **overrides: Any) -> P
     if not (data_dir / "meta.json").is_file():
         make_token_data(data_dir)
     cfg = tiny_config(data_dir, tmp / "run", max_steps=steps, **overrides)
-    return Path(train(cfg)["run_dir"])
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a tiny model gains nothing from more; the cores are shared
+    try:
+        return Path(train(cfg)["run_dir"])
+    finally:
+        torch.set_num_threads(threads)
