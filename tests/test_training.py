@@ -332,6 +332,7 @@ def test_entry_point_runs_tiny(data_dir, tmp_path):
                           env=ENV)
     assert proc.returncode == 0, proc.stderr
     assert f"saved to {run}" in proc.stdout and "python chat.py --run" in proc.stdout
+    assert "sample: 'The" in proc.stdout
     assert ck.latest_checkpoint(run).name == "step_0000003"
 
 
