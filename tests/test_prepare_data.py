@@ -80,7 +80,7 @@ def expected_documents(wiki: str, dialogues: str, detokenize: bool = True) -> li
 def test_prepares_local_release(release, tmp_path, capsys):
     out = tmp_path / "data"
     assert run(release, out) == 0
-    assert sorted(p.name for p in out.iterdir()) == ["meta.json", "tokenizer.json", "train.bin", "val.bin"]
+    assert sorted(p.name for p in out.iterdir()) == [".tokenizer.fingerprint", "meta.json", "tokenizer.json", "train.bin", "val.bin"]
     meta = json.loads((out / "meta.json").read_text())
     tok = BPETokenizer.load(out / "tokenizer.json")
     assert meta["tokenizer_hash"] == tok.hash and meta["vocab_size"] == tok.vocab_size == 400
@@ -122,7 +122,9 @@ def test_rerun_is_a_no_op_until_inputs_or_settings_change(release, tmp_path, cap
     # Changed input, changed setting, --force, or a truncated output: work again.
     path.write_text(DD_TRAIN + "Bye . __eou__ \n", encoding="utf-8")
     run(release, out)
-    assert "nothing to do" not in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert "nothing to do" not in captured.out
+    assert "training the tokenizer" in captured.err  # new training text: new tokenizer
     assert json.loads((out / "meta.json").read_text())["splits"]["train"]["by_source"]["dailydialog"]["documents"] == 4
     run(release, out, "--mix", "dailydialog=2")
     assert "nothing to do" not in capsys.readouterr().out
@@ -265,7 +267,7 @@ def test_bad_settings(release, tmp_path):
     assert not (tmp_path / "d").exists()
 
 
-def test_failed_run_leaves_no_trusted_output(release, tmp_path, monkeypatch):
+def test_failed_run_leaves_no_trusted_output(release, tmp_path, monkeypatch, capsys):
     out = tmp_path / "data"
     run(release, out)
     old_train = (out / "train.bin").read_bytes()
@@ -278,9 +280,12 @@ def test_failed_run_leaves_no_trusted_output(release, tmp_path, monkeypatch):
         run(release, out, "--mix", "wikitext=3")
     assert not (out / "meta.json").exists()  # the old one no longer vouches for anything
     assert (out / "train.bin").read_bytes() == old_train  # never half-written
-    assert [p.name for p in out.iterdir() if p.name.startswith(".")] == []  # temp files cleaned
+    assert [p.name for p in out.iterdir() if p.name.startswith(".")] == [".tokenizer.fingerprint"]  # temp files cleaned
     monkeypatch.undo()
+    tokenizer_mtime = (out / "tokenizer.json").stat().st_mtime_ns
     run(release, out, "--mix", "wikitext=3")
+    assert (out / "tokenizer.json").stat().st_mtime_ns == tokenizer_mtime  # resumed: not retrained
+    assert "reusing" in capsys.readouterr().err
     assert json.loads((out / "meta.json").read_text())["splits"]["train"]["by_source"]["wikitext"]["documents"] == 6
 
 

@@ -62,7 +62,7 @@ from src.data.bpe import BPETokenizer
 from src.data.chat_template import alternate_turns, encode_chat
 from src.data.detokenize import detokenize_dailydialog, detokenize_wikitext
 from src.data.special_tokens import NUM_RESERVED_SPECIAL
-from src.utils.atomic import atomic_path, write_json_atomic
+from src.utils.atomic import atomic_path, write_json_atomic, write_text_atomic
 from src.utils.cli import UserError, run_cli
 
 FORMAT_VERSION = 1
@@ -531,12 +531,7 @@ def main(argv: list[str] | None = None) -> int:
         if tokenizer_path.resolve() != (out / "tokenizer.json").resolve():
             tok.save(out / "tokenizer.json")
     else:
-        print(f"training the tokenizer (vocab {args.vocab_size}) on the training split", file=sys.stderr)
-        bar = tqdm(total=sum(p.num_units for p in train_parts), desc="tokenizer: read", unit="doc", file=sys.stderr)
-        with bar:
-            texts = (t for p in train_parts for u in bar_iter(p.make_units(), bar) for t in unit_texts(u, detokenize))
-            tok = BPETokenizer.train(texts, args.vocab_size)
-        tok.save(out / "tokenizer.json")
+        tok = _trained_tokenizer(out, train_parts, args.vocab_size, detokenize, args.force)
     dtype = np.dtype(np.uint16 if tok.vocab_size <= 65536 else np.uint32)
 
     # 3. Encode each part into a temporary folder, then write each split file.
@@ -579,11 +574,31 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def bar_iter(items: Iterable[Any], bar: tqdm) -> Iterator[Any]:
-    """Yield ``items``, advancing ``bar`` by one for each."""
-    for item in items:
-        yield item
-        bar.update(1)
+def _trained_tokenizer(out: Path, train_parts: list[Part], vocab_size: int, detokenize: bool, force: bool) -> BPETokenizer:
+    """Train the tokenizer on the training texts and save it, or reuse the one a previous
+    (perhaps interrupted) run trained from the same inputs and settings.
+
+    ``.tokenizer.fingerprint`` beside tokenizer.json records what it was trained from and
+    its hash; the mix weights are not part of it, so changing only --mix keeps it.
+    """
+    stamp_path = out / ".tokenizer.fingerprint"
+    stamp = fingerprint({"vocab_size": vocab_size, "detokenized": detokenize, "format_version": FORMAT_VERSION}, train_parts)
+    if not force and stamp_path.is_file() and (out / "tokenizer.json").is_file():
+        recorded = stamp_path.read_text(encoding="utf-8").split()
+        try:
+            tok = BPETokenizer.load(out / "tokenizer.json")
+        except UserError:
+            tok = None
+        if tok is not None and recorded == [stamp, tok.hash]:
+            print(f"reusing {out / 'tokenizer.json'}: trained from the same inputs and settings", file=sys.stderr)
+            return tok
+    print(f"training the tokenizer (vocab {vocab_size}) on the training split", file=sys.stderr)
+    texts = (t for p in train_parts for u in p.make_units() for t in unit_texts(u, detokenize))
+    tok = BPETokenizer.train(texts, vocab_size, show_progress=True)
+    stamp_path.unlink(missing_ok=True)
+    tok.save(out / "tokenizer.json")
+    write_text_atomic(stamp_path, f"{stamp} {tok.hash}\n")
+    return tok
 
 
 def _sources_meta(parts: list[Part], args: argparse.Namespace) -> dict:
