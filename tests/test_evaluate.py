@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -170,6 +171,37 @@ def test_dailydialog_scores_all_turns_and_assistant_turns(tok):
     assistant_text = [detokenize_dailydialog(u) for d in DIALOGUES for u in d[1::2]]
     assert r["assistant_turns"]["num_bytes"] == sum(len(u.encode("utf-8")) for u in assistant_text)
     assert r["dialogues"] == 3
+
+
+@pytest.mark.filterwarnings("ignore:the training texts allow only")
+@pytest.mark.parametrize("keep_tokenized", [False, True])
+def test_evaluated_streams_are_exactly_what_prepare_data_writes(tmp_path, keep_tokenized):
+    """Evaluation scores the text as training saw it: the streams (after their leading
+    <|endoftext|>) are val.bin's WikiText and DailyDialog documents, token for token."""
+    from src.data.bpe import BPETokenizer
+    from src.data.prepare_data import main as prepare_main
+    from src.eval.dialog import dialog_stream
+    from src.eval.wikitext import wikitext_stream
+
+    data = make_release_dir(tmp_path / "release")
+    shutil.copy(data / "wikitext-2" / "wiki.valid.tokens", data / "wikitext-2" / "wiki.train.tokens")
+    (data / "dailydialog" / "train").mkdir()
+    shutil.copy(data / "dailydialog" / "validation" / "dialogues_validation.txt",
+                data / "dailydialog" / "train" / "dialogues_train.txt")
+    out = tmp_path / "prepared"
+    argv = ["--data-dir", str(data), "--out", str(out), "--vocab-size", "512", "--workers", "1"]
+    assert prepare_main(argv + (["--keep-tokenized"] if keep_tokenized else [])) == 0
+    meta = json.loads((out / "meta.json").read_text(encoding="utf-8"))
+    assert meta["detokenized"] is not keep_tokenized
+    tok = BPETokenizer.load(out / "tokenizer.json")
+    val = np.fromfile(out / "val.bin", dtype=meta["dtype"])
+
+    split = sources.read_wikitext(data, "valid")
+    wiki = wikitext_stream(split.articles(detokenize=meta["detokenized"]), tok)
+    dialog, _ = dialog_stream(sources.read_dailydialog(data, "valid"), tok, detokenize=meta["detokenized"])
+    np.testing.assert_array_equal(val, np.concatenate([wiki[1:], dialog[1:]]))
+    assert meta["splits"]["val"]["by_source"]["wikitext"]["bytes"] == sum(
+        len(a.encode("utf-8")) for a in split.articles(detokenize=meta["detokenized"]))
 
 
 # ------------------------------------------------------------------------------ command line
