@@ -1,7 +1,7 @@
 """Model speed: forward + backward of our GPT vs transformers' LlamaForCausalLM of the same shape.
 
     python bench/model.py                            # CPU rows (~3-5 minutes on 2 cores)
-    python bench/model.py --presets small --dtypes fp32 --rounds 3
+    python bench/model.py --presets small --dtypes fp32 --steps 8
     python bench/model.py --device cuda --presets gpt-60m,gpt-125m --dtypes bf16 --compile
 
 A row is (preset, dtype, batch x sequence). For each row both implementations run the same
@@ -9,14 +9,14 @@ work: forward on random token ids, mean cross-entropy against random targets (fo
 computed on its logits exactly as our model does), backward. No optimiser: this measures the
 model, not the training loop (bench/train.py does that). Llama uses its SDPA attention.
 
-Every measurement runs in its own subprocess, so its peak memory is its own:
-  * tokens/s   batch * seq / seconds of the best timed step (best, not mean, because the 2 cores
-               are shared with other work and interruptions only ever make a step slower);
-  * peak MiB   on CPU the growth of the process's peak resident memory (VmHWM, reset through
-               /proc/self/clear_refs) over the resident memory before the step, i.e.
-               activations + gradients + temporaries; on CUDA max_memory_allocated growth.
-Subprocesses alternate ours / Llama for ``--rounds`` rounds and each keeps its best, so a burst
-of load from elsewhere hits both sides alike. On a GPU it also reports model FLOPs utilisation
+  * tokens/s   batch * seq / seconds of the best of ``--steps`` timed steps after a warm-up
+               (best, not mean: the 2 cores are shared with other work, and interruptions only
+               make a step slower). Both models live in one process and their steps alternate,
+               so a burst of load from elsewhere hits both alike.
+  * peak MiB   measured in a fresh subprocess per model, so that it is its own: on CPU the
+               growth of peak resident memory (VmHWM, reset through /proc/self/clear_refs)
+               over the resident memory before one step, i.e. activations + gradients +
+               temporaries; on CUDA the growth of max_memory_allocated. On a GPU it also reports model FLOPs utilisation
 (MFU) from GPT.flops_per_token's formula at the benchmarked sequence length.
 
 bf16 means autocast (weights stay fp32), as in training. JSON goes to bench/results/model.json.
@@ -62,9 +62,9 @@ def rss_kib(field: str) -> int:
     return int(re.search(rf"{field}:\s+(\d+)", Path("/proc/self/status").read_text()).group(1))
 
 
-def worker(preset: str, impl: str, dtype: str, batch: int, seq: int, steps: int,
-           device: str, compile_: bool) -> dict:
-    """Time ``steps`` forward+backward passes of one implementation (in its own process)."""
+def make_step(preset: str, impl: str, dtype: str, batch: int, seq: int, device: str,
+              compile_: bool):
+    """A function running one forward+backward pass of ``impl`` and returning its seconds."""
     torch.manual_seed(0)
     cfg = GPTConfig.from_preset(preset)
     if impl == "ours":
@@ -91,37 +91,55 @@ def worker(preset: str, impl: str, dtype: str, batch: int, seq: int, steps: int,
     x = torch.randint(0, cfg.vocab_size, (batch, seq), device=device)
     y = torch.randint(0, cfg.vocab_size, (batch, seq), device=device)
     autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=dtype == "bf16")
-    cuda = device == "cuda"
 
     def step() -> float:
         t0 = time.perf_counter()
         with autocast:
             loss = loss_fn(x, y)
         loss.backward()
-        if cuda:
+        if device == "cuda":
             torch.cuda.synchronize()
         model.zero_grad(set_to_none=True)
         return time.perf_counter() - t0
 
     for _ in range(3 if compile_ else 1):  # warm-up (and compilation)
         step()
+    return step
+
+
+def time_row(args: argparse.Namespace, preset: str, dtype: str, batch: int, seq: int) -> dict:
+    """Best tokens/s of each implementation, their steps interleaved in this process so that
+    a burst of load from elsewhere hits both alike."""
+    steps = {impl: make_step(preset, impl, dtype, batch, seq, args.device, args.compile)
+             for impl in IMPLS}
+    best = dict.fromkeys(IMPLS, float("inf"))
+    for i in range(args.steps):
+        for impl in (IMPLS if i % 2 == 0 else IMPLS[::-1]):
+            best[impl] = min(best[impl], steps[impl]())
+    return {impl: batch * seq / best[impl] for impl in IMPLS}
+
+
+def worker(preset: str, impl: str, dtype: str, batch: int, seq: int, device: str,
+           compile_: bool) -> dict:
+    """Peak memory of one forward+backward pass of one implementation (own process)."""
+    step = make_step(preset, impl, dtype, batch, seq, device, compile_)
     gc.collect()
-    if cuda:
+    if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
     else:
         base = rss_kib("VmRSS") * 1024
         Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
-    best = min(step() for _ in range(steps))
-    peak = torch.cuda.max_memory_allocated() if cuda else rss_kib("VmHWM") * 1024
-    return {"tokens_per_s": batch * seq / best, "step_s": best, "peak_mib": (peak - base) / 2**20}
+    step()
+    peak = torch.cuda.max_memory_allocated() if device == "cuda" else rss_kib("VmHWM") * 1024
+    return {"peak_mib": (peak - base) / 2**20}
 
 
 def run_worker(args: argparse.Namespace, preset: str, impl: str, dtype: str, batch: int,
                seq: int) -> dict:
     """Run :func:`worker` in a fresh Python process and return its result."""
     cmd = [sys.executable, __file__, "--worker", json.dumps(
-        [preset, impl, dtype, batch, seq, args.steps, args.device, args.compile])]
+        [preset, impl, dtype, batch, seq, args.device, args.compile])]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"worker {preset}/{impl}/{dtype} failed:\n{proc.stderr[-3000:]}")
@@ -141,8 +159,7 @@ def main() -> int:
     parser.add_argument("--dtypes", default="fp32,bf16")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--compile", action="store_true", help="torch.compile both models")
-    parser.add_argument("--steps", type=int, default=3, help="timed steps per subprocess")
-    parser.add_argument("--rounds", type=int, default=2, help="subprocesses per implementation")
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per implementation")
     parser.add_argument("--out", default="bench/results/model.json")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -165,14 +182,9 @@ def main() -> int:
                 print(f"{preset:9} {dtype:5} skipped on {args.device} (see SHAPES)")
                 continue
             batch, seq = SHAPES[(args.device, dtype)][preset]
-            runs: dict[str, list[dict]] = {impl: [] for impl in IMPLS}
-            for r in range(args.rounds):
-                # Alternate which side goes first so neither always runs on a "cold" machine.
-                for impl in (IMPLS if r % 2 == 0 else IMPLS[::-1]):
-                    runs[impl].append(run_worker(args, preset, impl, dtype, batch, seq))
-            # Best speed and least memory over the rounds: interference only makes both worse.
-            ours, hf = ({"tokens_per_s": max(r["tokens_per_s"] for r in runs[impl]),
-                         "peak_mib": min(r["peak_mib"] for r in runs[impl])} for impl in IMPLS)
+            speed = time_row(args, preset, dtype, batch, seq)
+            ours, hf = ({"tokens_per_s": speed[impl],
+                         **run_worker(args, preset, impl, dtype, batch, seq)} for impl in IMPLS)
             row = {"preset": preset, "dtype": dtype, "batch": batch, "seq": seq,
                    "ours": ours, "hf_llama": hf,
                    "speed_ratio": ours["tokens_per_s"] / hf["tokens_per_s"]}
@@ -189,7 +201,7 @@ def main() -> int:
     result = {
         "benchmark": "model forward+backward", "device": args.device, "compile": args.compile,
         "torch": torch.__version__, "cpu": platform.processor() or platform.machine(),
-        "threads": torch.get_num_threads(), "steps": args.steps, "rounds": args.rounds,
+        "threads": torch.get_num_threads(), "steps": args.steps,
         "peak_tflops": peak_tflops, "rows": rows,
     }
     write_json_atomic(args.out, result)
