@@ -132,7 +132,7 @@ def plot_losses(records: list[dict[str, Any]], path: str | Path, title: str = ""
     plt.close(fig)
 
 
-def progress_bar(total: int, initial: int, enabled: bool) -> tqdm:
+def progress_bar(total: int | None, initial: int, enabled: bool) -> tqdm:
     """A tqdm bar over optimiser steps on stderr (its ETA is tqdm's)."""
     return tqdm(total=total, initial=initial, disable=not enabled, unit="step", dynamic_ncols=True,
                 file=sys.stderr, mininterval=0.5, smoothing=0.1)

@@ -340,7 +340,9 @@ def _train(cfg: TrainConfig, device: torch.device, dist_info: DistInfo, loss_hoo
 
     old_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     stop_at = cfg.stop_at_step
-    bar = progress_bar(max_steps(), step, cfg.progress and main)
+    # Under a time budget the length is known only after calibration: no bogus ETA until then.
+    bar = progress_bar(None if cfg.time_budget and planned_steps is None else max_steps(), step,
+                       cfg.progress and main)
     t_start = time.time()
     t_calib = None
     start_step = step
@@ -461,8 +463,9 @@ def _train(cfg: TrainConfig, device: torch.device, dist_info: DistInfo, loss_hoo
         end_reason = f"already at step {step} of {max_steps()}"
     seconds = time.time() - t_start
     done_steps = step - start_step
+    best_text = f"{best_val:.4f}" if math.isfinite(best_val) else "n/a (no evaluation yet)"
     log(f"{end_reason}: step {step}/{max_steps()}, last loss {last_loss:.4f}, best val loss "
-        f"{best_val:.4f}; {done_steps} steps in {seconds / 60:.1f} min "
+        f"{best_text}; {done_steps} steps in {seconds / 60:.1f} min "
         f"({done_steps * tokens_per_step / max(seconds, 1e-9):,.0f} tokens/s)")
     if main and cfg.sample_tokens and step > start_step and not cfg.fsdp:
         log(f"sample: {sample_text(raw_model, tokenizer, cfg.sample_tokens, device)!r}")
