@@ -43,6 +43,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
+from src.data.bpe import BPETokenizer
+from src.model.gpt import GPT, GPTConfig
 from src.utils.atomic import _fsync_dir, atomic_path, write_json_atomic, write_text_atomic
 from src.utils.cli import UserError
 
@@ -385,9 +387,6 @@ def load_model(path: str | Path | None = None, device: str | torch.device = "cpu
     ``tokenizer_hash`` and ``data_meta`` (the data's meta.json, or None).
     Weights are read with safetensors only; raises UserError if nothing usable is found.
     """
-    from src.data.bpe import BPETokenizer
-    from src.model.gpt import GPT, GPTConfig
-
     ckpt = resolve_checkpoint(path)
     run_dir = ckpt.parent.parent
     state = read_state(ckpt)

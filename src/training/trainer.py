@@ -29,6 +29,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from src.data.bpe import BPETokenizer
+from src.eval.perplexity import sliding_window_nll
+from src.infer.sampling import SamplingSettings, generate
+from src.model.gpt import GPT, GPTConfig
 from src.training import checkpoint as ckpt_io
 from src.training.config import TrainConfig, make_config
 from src.training.distributed import (
@@ -162,8 +166,6 @@ def sample_text(model: torch.nn.Module, tokenizer, max_new_tokens: int, device: 
                 prompt: str = "The") -> str:
     """A short sample (top-k, temperature 0.8) from a fixed prompt, to see what was learned.
     Uses its own generator: the training RNG streams are not touched."""
-    from src.infer.sampling import SamplingSettings, generate
-
     settings = SamplingSettings(max_new_tokens=max_new_tokens, temperature=0.8, top_k=50)
     generator = torch.Generator(device=device).manual_seed(0)
     was_training = model.training
@@ -214,8 +216,6 @@ def _train(cfg: TrainConfig, device: torch.device, dist_info: DistInfo, loss_hoo
     meta = read_meta(data_dir)
     train_tokens = open_tokens(data_dir, "train", meta)
     val_tokens = open_tokens(data_dir, "val", meta)
-    from src.data.bpe import BPETokenizer
-
     tokenizer = BPETokenizer.load(data_dir / "tokenizer.json")
     if tokenizer.hash != meta["tokenizer_hash"]:
         raise UserError(f"{data_dir / 'tokenizer.json'} does not match {data_dir / 'meta.json'} "
@@ -246,8 +246,6 @@ def _train(cfg: TrainConfig, device: torch.device, dist_info: DistInfo, loss_hoo
             write_json_atomic(run_dir / "data_meta.json", meta)
 
     # ---- 4. model and optimiser --------------------------------------------------------------
-    from src.model.gpt import GPT, GPTConfig
-
     # The same seed on every rank: identical initial weights (DDP also broadcasts them).
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
@@ -308,8 +306,6 @@ def _train(cfg: TrainConfig, device: torch.device, dist_info: DistInfo, loss_hoo
     eval_bytes = len(tokenizer.decode_bytes(np.asarray(eval_tokens[1:]).tolist()))
 
     def evaluate() -> dict[str, float]:
-        from src.eval.perplexity import sliding_window_nll
-
         nll, count = sliding_window_nll(
             raw_model, np.asarray(eval_tokens), context_length=T, stride=cfg.eval_stride or T,
             batch_size=cfg.eval_batch_size, device=device, autocast_dtype=amp_dtype,
