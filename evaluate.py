@@ -182,6 +182,11 @@ def main(argv: list[str] | None = None) -> int:
         from src.eval.wikitext import evaluate_wikitext
 
         split, words = corpora["wikitext"]
+        recorded = (meta.get("sources") or {}).get("wikitext")
+        trained = recorded.get("variant", {}).get("val") if isinstance(recorded, dict) else None
+        if trained and trained != split.variant:
+            print(f"note: the run's validation WikiText was the {trained} release, this is the {split.variant} "
+                  f"one (--wikitext-variant {trained} to match)", file=sys.stderr)
         entry = evaluate_wikitext(model, tokenizer, split, words, show_progress=not args.no_progress and
                                   f"WikiText {args.split}", **common)
         entry["references"] = [{"model": r["model"], "word_perplexity": r[args.split]} for r in REFERENCES

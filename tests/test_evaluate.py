@@ -252,10 +252,16 @@ def test_cli_end_to_end_matches_an_independent_computation(tiny_run, tmp_path):
 def test_cli_evaluates_what_is_found_and_the_test_split(tiny_run, tmp_path, capsys):
     data = make_release_dir(tmp_path / "d", raw=False, dialog=False)
     (data / "wikitext-2" / "wiki.valid.tokens").rename(data / "wikitext-2" / "wiki.test.tokens")
-    code, out, err = cli(["--run", str(tiny_run), "--data-dir", str(data), "--split", "test",
+    # A run whose data meta says its validation WikiText was the raw release.
+    run = shutil.copytree(tiny_run, tmp_path / "run")
+    meta = json.loads((run / "data_meta.json").read_text(encoding="utf-8"))
+    meta["sources"] = {"wikitext": {"variant": {"train": "tokens", "val": "raw"}}}
+    (run / "data_meta.json").write_text(json.dumps(meta), encoding="utf-8")
+    code, out, err = cli(["--run", str(run), "--data-dir", str(data), "--split", "test",
                           "--no-progress", "--stride", "64"], capsys)
     assert code == 0, err
     assert "skipping dailydialog" in err and "test split" in err
+    assert "--wikitext-variant raw to match" in err
     assert "stride 64" in out and "GPT-2 small" in out and "DailyDialog" not in out
 
 
