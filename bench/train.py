@@ -12,9 +12,10 @@ For each preset, the same model shape (vocabulary 16,384) is trained a few steps
   * hf llama fp32 transformers' LlamaForCausalLM of the same shape, fp32, eager, torch AdamW,
                   cross-entropy on its logits: the plain loop a newcomer would write
 Every step is forward + backward + gradient clipping + optimiser step on random token ids
-(content does not change the cost of dense compute). Each row runs in its own subprocess so
-that its peak memory (max RSS) is its own. tokens/s = batch * context * steps / seconds after
-``--warmup`` untimed steps. The machine's 2 cores are shared with other work: absolute numbers
+(content does not change the cost of dense compute). The implementations of a preset are
+timed in one process, alternating steps, so load from other processes hits them alike;
+tokens/s = batch * context / median step time, after ``--warmup`` untimed steps each. Peak
+memory (max RSS) is measured apart: each implementation in its own process, two steps. The machine's 2 cores are shared with other work: absolute numbers
 are noisy; ratios within one run are what counts. JSON goes to bench/results/train.json.
 """
 
@@ -24,6 +25,7 @@ import argparse
 import json
 import platform
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -42,12 +44,11 @@ SHAPES = {"tiny": (16, 64), "small": (16, 256), "gpt-60m": (2, 512), "gpt-125m":
 IMPLS = ("ours", "ours+compile", "ours bf16", "hf llama fp32")
 
 
-def worker(preset: str, impl: str, steps: int, warmup: int) -> dict:
-    """Time ``steps`` training steps of one implementation (runs in its own process)."""
+def make_step(preset: str, impl: str):
+    """A function doing one training step of ``impl`` on a fresh random batch, and its facts."""
     torch.manual_seed(0)
     batch, context = SHAPES[preset]
     cfg = GPTConfig.from_preset(preset, vocab_size=16384, context_length=context)
-    data = torch.randint(0, cfg.vocab_size, (steps + warmup, batch, context + 1))
     use_bf16 = False
     if impl.startswith("hf"):
         from transformers import LlamaForCausalLM
@@ -61,10 +62,10 @@ def worker(preset: str, impl: str, steps: int, warmup: int) -> dict:
             logits = model(input_ids=x).logits
             return F.cross_entropy(logits.view(-1, logits.size(-1)), y.reshape(-1))
     else:
-        model = GPT(cfg)
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, fused=True)
         from src.training.trainer import pick_dtype
 
+        model = GPT(cfg)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, fused=True)
         fwd = torch.compile(model) if impl == "ours+compile" else model
         dtype = torch.bfloat16 if impl == "ours bf16" else pick_dtype("auto", torch.device("cpu"))
         use_bf16 = dtype == torch.bfloat16
@@ -74,25 +75,52 @@ def worker(preset: str, impl: str, steps: int, warmup: int) -> dict:
                 return fwd(x, y)[1]
 
     model.train()
-    t_start = None
-    for i in range(steps + warmup):
-        if i == warmup:
-            t_start = time.perf_counter()
-        x, y = data[i, :, :-1], data[i, :, 1:]
-        loss = loss_fn(x, y)
+
+    def step() -> float:
+        ids = torch.randint(0, cfg.vocab_size, (batch, context + 1))
+        loss = loss_fn(ids[:, :-1], ids[:, 1:])
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-    seconds = time.perf_counter() - t_start
-    tokens = steps * batch * context
-    return {
-        "preset": preset, "impl": impl, "dtype": "bf16" if use_bf16 else "fp32", "batch": batch, "context": context,
-        "params_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 2),
-        "steps": steps, "seconds": round(seconds, 3), "tokens_per_s": round(tokens / seconds, 1),
-        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-        "final_loss": round(float(loss), 4),
-    }
+        return float(loss.detach())
+
+    facts = {"preset": preset, "impl": impl, "dtype": "bf16" if use_bf16 else "fp32", "batch": batch,
+             "context": context, "params_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 2)}
+    return step, facts
+
+
+def interleaved(preset: str, impls: list[str], steps: int, warmup: int) -> list[dict]:
+    """Time all implementations in one process, alternating steps, so that load from other
+    processes on the shared cores hits them alike; tokens/s from the median step time."""
+    built = {impl: make_step(preset, impl) for impl in impls}
+    for step, _ in built.values():
+        for _ in range(warmup):
+            step()
+    times: dict[str, list[float]] = {impl: [] for impl in impls}
+    for _ in range(steps):
+        for impl, (step, _) in built.items():
+            t0 = time.perf_counter()
+            step()
+            times[impl].append(time.perf_counter() - t0)
+    rows = []
+    for impl, (_, facts) in built.items():
+        median = statistics.median(times[impl])
+        rows.append({**facts, "steps": steps, "step_seconds": [round(t, 3) for t in times[impl]],
+                     "tokens_per_s": round(facts["batch"] * facts["context"] / median, 1)})
+    return rows
+
+
+def peak_memory(preset: str, impl: str) -> float:
+    """Peak RSS (MB) of a fresh process doing two training steps of ``impl``."""
+    step, _ = make_step(preset, impl)
+    step()
+    step()
+    # VmHWM, not ru_maxrss: the latter would include the parent's RSS inherited at fork.
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return round(int(line.split()[1]) / 1024, 1)
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # non-Linux
 
 
 def main() -> None:
@@ -106,24 +134,22 @@ def main() -> None:
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "train.json"))
     args = p.parse_args()
     if args.worker:
-        print(json.dumps(worker(args.worker[0], args.worker[1], args.steps, args.warmup)))
+        print(json.dumps({"peak_rss_mb": peak_memory(args.worker[0], args.worker[1])}))
         return
 
     rows = []
     started = time.time()
     for preset in args.presets.split(","):
-        steps = max(1, args.steps // 2) if preset.startswith("gpt-") else args.steps
-        for impl in IMPLS:
-            if (impl == "ours+compile" and not args.compile) or (impl == "ours bf16" and not args.bf16):
-                continue
-            cmd = [sys.executable, __file__, "--worker", preset, impl, "--steps", str(steps),
-                   "--warmup", str(args.warmup)]
+        impls = [i for i in IMPLS if not ((i == "ours+compile" and not args.compile)
+                                          or (i == "ours bf16" and not args.bf16))]
+        steps = max(2, args.steps // 2) if preset.startswith("gpt-") else args.steps
+        preset_rows = interleaved(preset, impls, steps, args.warmup)
+        for row in preset_rows:
+            cmd = [sys.executable, __file__, "--worker", preset, row["impl"]]
             proc = subprocess.run(cmd, capture_output=True, text=True)
-            if proc.returncode != 0:
-                print(f"{preset} {impl}: failed\n{proc.stderr[-2000:]}", file=sys.stderr)
-                continue
-            rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
-            print(f"  {preset:8s} {impl:14s} {rows[-1]['tokens_per_s']:>9,.0f} tok/s", file=sys.stderr)
+            row["peak_rss_mb"] = json.loads(proc.stdout.strip().splitlines()[-1])["peak_rss_mb"] if proc.returncode == 0 else None
+            print(f"  {preset:8s} {row['impl']:14s} {row['tokens_per_s']:>9,.0f} tok/s", file=sys.stderr)
+        rows.extend(preset_rows)
 
     print(f"\nTraining throughput, {platform.processor() or platform.machine()}, "
           f"{torch.get_num_threads()} threads, torch {torch.__version__}")
@@ -133,7 +159,7 @@ def main() -> None:
         hf = next((h for h in rows if h["preset"] == r["preset"] and h["impl"].startswith("hf")), None)
         ratio = f"{r['tokens_per_s'] / hf['tokens_per_s']:.2f}x" if hf else "-"
         print(f"{r['preset']:8s} {r['impl']:15s} {r['dtype']:5s} {r['params_m']:>6.1f}M {r['batch']:>4d} x {r['context']:<4d} "
-              f"{r['tokens_per_s']:>10,.0f} {ratio:>6s} {r['peak_rss_mb']:>8,.0f}")
+              f"{r['tokens_per_s']:>10,.0f} {ratio:>6s} {r['peak_rss_mb'] or 0:>8,.0f}")
     print(f"({time.time() - started:.0f} s; shared cores: ratios within this run are what counts)")
     write_json_atomic(args.out, {"rows": rows, "torch": torch.__version__, "threads": torch.get_num_threads()})
 
