@@ -9,7 +9,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from src.data.chat_template import Turn
 from src.data.special_tokens import ASSISTANT, ENDOFTEXT, USER
@@ -23,15 +22,7 @@ from src.infer.chat_session import (
 from src.infer.sampling import SamplingSettings
 from src.utils.cli import UserError
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from more threads, and on cores shared with other processes
-    OpenMP's waits can make a 1 ms forward pass take half a second."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see tests/conftest.py
 
 
 # ---------------------------------------------------------------- fitting the context

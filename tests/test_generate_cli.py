@@ -11,7 +11,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from src.infer.generate import main, unescape
 from src.utils.cli import UserError
@@ -19,17 +18,10 @@ from tests.fixtures import make_tiny_run
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "src" / "infer" / "generate.py"
-ONE_THREAD_ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # see one_thread below
+ONE_THREAD_ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # see one_thread in conftest.py
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from more threads, and on cores shared with other processes
-    OpenMP's waits can make a 1 ms forward pass take half a second."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see tests/conftest.py
 
 
 def shared_tiny_run(tmp_path_factory) -> Path:

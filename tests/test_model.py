@@ -72,7 +72,7 @@ def test_config_rejects_unknown_fields_and_presets():
 # Exact counts with the default vocabulary of 16384 (all presets tie the embeddings).
 EXPECTED_PARAMS = {
     "tiny": 837_360,
-    "small": 9_014_528,
+    "small": 4_916_928,
     "gpt-60m": 62_927_616,
     "gpt-125m": 97_536_768,
 }

@@ -22,15 +22,7 @@ from src.infer.sampling import (
     stream_ids,
 )
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from more threads, and on cores shared with other processes
-    OpenMP's waits can make a 1 ms forward pass take half a second."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see tests/conftest.py
 
 
 # ---------------------------------------------------------------- settings and filters

@@ -110,8 +110,10 @@ class GPTConfig:
 PRESETS: dict[str, dict] = {
     # For tests: ~0.84M parameters (most of it the embedding). Uses GQA so tests cover it.
     "tiny": dict(context_length=64, n_layer=2, n_head=4, n_kv_head=2, d_model=48, d_ff=128),
-    # The CPU quickstart: ~9.0M parameters, trainable in minutes on 2 cores.
-    "small": dict(context_length=256, n_layer=6, n_head=4, d_model=256),
+    # The CPU quickstart: ~4.9M parameters (3.1M of them the embedding). Tuned for 15 minutes
+    # on 2 CPU cores: at that budget a narrower, shallower model sees more tokens and wins
+    # (4-minute probes, validation loss: 4x128 6.72, 4x192 6.64, 6x256 6.97).
+    "small": dict(context_length=256, n_layer=4, n_head=3, d_model=192),
     # The original project's scale (8 layers x 768) with a 4x longer context: ~62.9M.
     "gpt-60m": dict(context_length=1024, n_layer=8, n_head=12, n_kv_head=4, d_model=768),
     # GPT-2 small's shape (12 x 768, 12 heads), for GPUs: ~97.5M with our 16k vocabulary.

@@ -45,7 +45,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_
 
 from src.data.bpe import BPETokenizer
 from src.model.gpt import GPT, GPTConfig
-from src.utils.atomic import _fsync_dir, atomic_path, write_json_atomic, write_text_atomic
+from src.utils.atomic import atomic_path, fsync_dir, write_json_atomic, write_text_atomic
 from src.utils.cli import UserError
 
 FORMAT_VERSION = 1
@@ -252,7 +252,7 @@ def save_checkpoint(
             "optimizer": {"param_groups": _to_json(optim_sd["param_groups"]), "scalars": opt_scalars},
         }
         write_json_atomic(tmp / "state.json", full_state)
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         if final.exists():  # the same step saved again (e.g. stopped right after a resume)
             old = root / f".tmp-old-{name}"
             os.replace(final, old)
@@ -260,7 +260,7 @@ def save_checkpoint(
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, final)
-        _fsync_dir(root)
+        fsync_dir(root)
         write_text_atomic(root / "latest", name + "\n")
         if is_best:
             write_text_atomic(root / "best", name + "\n")

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import shutil
 import signal
@@ -30,7 +31,7 @@ import numpy as np
 import torch
 
 from src.data.bpe import BPETokenizer
-from src.eval.perplexity import sliding_window_nll
+from src.eval.perplexity import sliding_window_nll, text_bytes
 from src.infer.sampling import SamplingSettings, generate
 from src.model.gpt import GPT, GPTConfig
 from src.training import checkpoint as ckpt_io
@@ -261,7 +262,9 @@ def _train(cfg: TrainConfig, device: torch.device, dist_info: DistInfo, loss_hoo
     torch.manual_seed(cfg.seed + dist_info.rank)
     model = wrap_model(raw_model, dist_info, device, fsdp=cfg.fsdp)
     optimizers = build_optimizers(raw_model, cfg)
-    if cfg.compile:
+    if cfg.compile and device.type == "cpu" and not shutil.which(os.environ.get("CXX", "g++")):
+        log("note: no C++ compiler found (torch.compile needs one on CPU): training uncompiled")
+    elif cfg.compile:
         model = torch.compile(model)
 
     world_tokens = cfg.batch_size * T * dist_info.world_size
@@ -303,7 +306,7 @@ def _train(cfg: TrainConfig, device: torch.device, dist_info: DistInfo, loss_hoo
         return torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext()
     scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
     eval_tokens = val_tokens if cfg.eval_tokens == 0 else val_tokens[: cfg.eval_tokens + 1]
-    eval_bytes = len(tokenizer.decode_bytes(np.asarray(eval_tokens[1:]).tolist()))
+    eval_bytes = text_bytes(tokenizer, eval_tokens[1:])  # special tokens are not text
 
     def evaluate() -> dict[str, float]:
         nll, count = sliding_window_nll(
