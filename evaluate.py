@@ -52,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tasks", default="auto", help="comma-separated subset of wikitext,dailydialog (auto: those found)")
     p.add_argument("--wikitext", default=HUB_WIKITEXT_DEFAULT, help="WikiText config on the Hub (without --data-dir)")
     p.add_argument("--wikitext-variant", default="auto", choices=("auto", "raw", "tokens"),
-                   help="with --data-dir: wiki.*.raw or wiki.*.tokens (auto: raw when present, as prepare_data)")
+                   help="with --data-dir: wiki.*.raw or wiki.*.tokens (auto: the variant of the train file, as prepare_data)")
     p.add_argument("--stride", type=int, help="sliding-window stride in tokens (default: half the model's context)")
     p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
     p.add_argument("--dtype", default="auto", choices=("auto", "bf16", "fp32"), help="auto: bf16 on CUDA, else fp32")

@@ -49,16 +49,29 @@ def test_wikitext_article_at_file_start_and_adjacent_headings():
     assert [a.split("\n")[0] for a in sources.iter_wikitext_articles(lines)] == [" = A = ", " = B = ", " = C = "]
 
 
-def test_file_picking_prefers_raw_then_tokens(tmp_path):
+def test_file_picking_follows_the_train_files_variant(tmp_path):
+    # Like ../shared/data: tokenised train, both variants of valid -> valid must be tokenised
+    # too, or the model would be validated on text unlike what it trained on.
     make_release(tmp_path, wiki_variants=("raw", "tokens"), splits=("valid",))
     make_release(tmp_path, wiki_variants=("tokens",), splits=("train",))
-    assert sources.find_wikitext_file(tmp_path, "validation").name == "wiki.valid.raw"
-    assert sources.find_wikitext_file(tmp_path, "val", "tokens").name == "wiki.valid.tokens"
+    assert sources.find_wikitext_file(tmp_path, "validation").name == "wiki.valid.tokens"
+    assert sources.find_wikitext_file(tmp_path, "val", "raw").name == "wiki.valid.raw"
     assert sources.find_wikitext_file(tmp_path, "train").name == "wiki.train.tokens"
-    with pytest.raises(UserError, match=r"no WikiText train file \(wiki.train.raw\)"):
-        sources.find_wikitext_file(tmp_path, "train", "raw")
-    with pytest.raises(UserError, match="no WikiText test file"):
-        sources.find_wikitext_file(tmp_path, "test")
+    # A raw train file makes raw the choice for every split.
+    make_release(tmp_path, wiki_variants=("raw",), splits=("train",))
+    assert sources.find_wikitext_file(tmp_path, "validation").name == "wiki.valid.raw"
+    assert sources.find_wikitext_file(tmp_path, "train").name == "wiki.train.raw"
+
+
+def test_file_picking_without_a_train_file_prefers_raw_then_tokens(tmp_path):
+    make_release(tmp_path, wiki_variants=("raw", "tokens"), splits=("valid",))
+    make_release(tmp_path, wiki_variants=("tokens",), splits=("test",))
+    assert sources.find_wikitext_file(tmp_path, "validation").name == "wiki.valid.raw"
+    assert sources.find_wikitext_file(tmp_path, "test").name == "wiki.test.tokens"
+    with pytest.raises(UserError, match=r"no WikiText test file \(wiki.test.raw\)"):
+        sources.find_wikitext_file(tmp_path, "test", "raw")
+    with pytest.raises(UserError, match=r"no WikiText train file \(wiki.train.raw or wiki.train.tokens\)"):
+        sources.find_wikitext_file(tmp_path, "train")
 
 
 def test_ambiguous_wikitext_folders_are_an_error(tmp_path):

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -211,6 +212,29 @@ def test_time_budget_plans_steps():
     # Out of time already: at least finish the warmup and one more step.
     assert plan_steps(step=9, per_step=5.0, eval_tokens=0, tokens_per_step=1000, eval_interval=10,
                       spent=99.0, budget_s=100.0, warmup_steps=20, max_steps=1000) == 21
+
+
+def test_time_budget_replans_at_evaluations(data_dir, tmp_path, monkeypatch):
+    # A fake clock: the first 6 steps take 10 s each (compilation, a busy machine), the rest 1 s.
+    from src.training import trainer
+
+    clock = {"now": 1000.0, "steps": 0}
+    real_set_lr = trainer.set_lr
+
+    def timed_set_lr(optimizers, lr):  # called once at the start of every step
+        clock["now"] += 10.0 if clock["steps"] < 6 else 1.0
+        clock["steps"] += 1
+        real_set_lr(optimizers, lr)
+
+    monkeypatch.setattr(trainer, "set_lr", timed_set_lr)
+    monkeypatch.setattr(trainer, "time", SimpleNamespace(time=lambda: clock["now"]))
+    res = train(tiny_config(data_dir, tmp_path / "r", max_steps=1000, time_budget=3.0, eval_interval=5))
+    # Of 180 s, 172.8 s are planned for (BUDGET_RESERVE). Calibration (steps 2-6, 10 s each, 60 s
+    # spent) plans 6 + (172.8 - 60) // 10 = 17 steps; the evaluation at step 10 sees 1 s per step
+    # since then and re-plans 10 + (172.8 - 64) // 1 = 118, which later evaluations confirm.
+    assert BUDGET_RESERVE == 0.04
+    assert res["step"] == res["max_steps"] == 118
+    assert ck.read_state(ck.latest_checkpoint(tmp_path / "r"))["planned_steps"] == 118
 
 
 def test_time_budget_in_the_loop(data_dir, tmp_path):

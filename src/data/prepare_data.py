@@ -454,7 +454,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--wikitext-variant",
         default="auto",
         choices=("auto", "raw", "tokens"),
-        help="with --data-dir: wiki.*.raw or wiki.*.tokens (auto: raw when present, else tokens)",
+        help="with --data-dir: wiki.*.raw or wiki.*.tokens (auto: the variant of the train file, for every split)",
     )
     p.add_argument("--keep-tokenized", action="store_true", help="keep the releases' tokenised text instead of natural text")
     p.add_argument("--tokenizer", help="reuse this tokenizer.json instead of training one")

@@ -10,8 +10,13 @@ Local layouts (``--data-dir DIR``), as the original releases ship them:
 * WikiText: ``wiki.{train,valid,test}.raw`` (raw release) or ``wiki.*.tokens``
   (tokenised release, rare words replaced by ``<unk>``), in DIR itself or in one of its
   subfolders named ``wikitext*`` (e.g. ``wikitext-2-raw/``, ``wikitext-2/``).
-  File-picking rule, per split: the raw file when there is one, else the tokens file
-  (``variant="raw"`` or ``"tokens"`` forces one). Two candidates of the same variant
+  File-picking rule: one variant for every split, so that validation text is the same
+  kind of text as training text: the raw release when ``wiki.train.raw`` is there, else the
+  tokenised one when ``wiki.train.tokens`` is (``../shared/data`` has only the latter for
+  training, so its ``wiki.valid.tokens`` is used, not its ``wiki.valid.raw``); without any
+  training file (or without that variant's file for a split), the raw file when there is
+  one, else the tokens file.
+  ``variant="raw"`` or ``"tokens"`` forces one. Two candidates of the same variant
   (e.g. wikitext-2-raw/ and wikitext-103-raw/ side by side) are an error: point
   ``--data-dir`` at the one you mean.
 * DailyDialog: ``{train,validation,test}/dialogues_<split>.txt`` in ``DIR/dailydialog``,
@@ -143,7 +148,13 @@ def find_wikitext_file(data_dir: str | os.PathLike, split: str, variant: str = "
         p for p in data_dir.iterdir() if p.is_dir() and p.name.lower().startswith("wikitext")
     )
     stem = f"wiki.{_WIKITEXT_FILE_SPLIT[split]}"
-    wanted = WIKITEXT_VARIANTS if variant == "auto" else (variant,)
+    if variant == "auto":
+        train_variants = [kind for kind in WIKITEXT_VARIANTS
+                          if any((folder / f"wiki.train.{kind}").is_file() for folder in folders)]
+        first = train_variants[0] if train_variants else "raw"
+        wanted = (first, *(kind for kind in WIKITEXT_VARIANTS if kind != first))
+    else:
+        wanted = (variant,)
     for kind in wanted:
         found = [folder / f"{stem}.{kind}" for folder in folders if (folder / f"{stem}.{kind}").is_file()]
         if len(found) > 1:

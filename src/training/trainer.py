@@ -60,8 +60,9 @@ from src.utils.atomic import write_json_atomic
 from src.utils.cli import UserError
 
 # Share of a time budget kept for evaluations, checkpoints and the final save.
-BUDGET_RESERVE = 0.08
+BUDGET_RESERVE = 0.04
 CALIBRATION_STEPS = 5  # steps timed (after the first) before a time budget plans max_steps
+REPLAN_UNTIL = 0.8  # a time budget's plan is revised at evaluations until this share of it
 
 
 class NonFiniteLoss(UserError):
@@ -343,7 +344,7 @@ def _train(cfg: TrainConfig, device: torch.device, dist_info: DistInfo, loss_hoo
     bar = progress_bar(None if cfg.time_budget and planned_steps is None else max_steps(), step,
                        cfg.progress and main)
     t_start = time.time()
-    t_calib = None
+    t_plan, step_plan = None, 0  # when and at which step a time budget last planned
     start_step = step
     last_loss = math.nan
     last_saved = step if resume_from is not None else -1
@@ -406,12 +407,14 @@ def _train(cfg: TrainConfig, device: torch.device, dist_info: DistInfo, loss_hoo
             bar.update(1)
             bar.set_postfix_str(format_postfix(loss_val, lr, tps, mfu), refresh=False)
 
-            # A time budget plans max_steps once the speed is known (never shortening the warmup).
-            if cfg.time_budget and planned_steps is None:
+            # A time budget plans max_steps once the speed is known (never shortening the warmup);
+            # after each evaluation it re-plans from the average so far (see below).
+            if cfg.time_budget:
                 if step == start_step + 1:
-                    t_calib = time.time()  # the first step pays one-off costs: not timed
-                elif step == start_step + 1 + CALIBRATION_STEPS:
-                    per_step = (time.time() - t_calib) / CALIBRATION_STEPS
+                    t_plan, step_plan = time.time(), step  # the first step pays one-off costs: not timed
+                elif planned_steps is None and step == start_step + 1 + CALIBRATION_STEPS:
+                    per_step = (time.time() - t_plan) / CALIBRATION_STEPS
+                    t_plan, step_plan = time.time(), step
                     planned_steps = plan_steps(
                         step, per_step, len(eval_tokens), tokens_per_step, cfg.eval_interval,
                         elapsed_before + time.time() - t_start, cfg.time_budget * 60,
@@ -437,6 +440,20 @@ def _train(cfg: TrainConfig, device: torch.device, dist_info: DistInfo, loss_hoo
                         plot_losses(metrics.records, run_dir / "loss.png", title=f"{run_dir.name} ({cfg.preset})")
                     bar.write(f"step {step}: val loss {val_loss:.4f}, ppl {ev['val_ppl']:.2f}, "
                               f"{ev['val_bpb']:.4f} bits/byte{' (best)' if is_best else ''}")
+                # Re-plan from the average step time since the last plan, this evaluation
+                # included, so the run ends near its budget even when the first steps were slower
+                # or faster than the rest (compilation, a busy machine). Not in the last fifth of
+                # the run, so the learning-rate decay, once under way, keeps its course.
+                if (cfg.time_budget and planned_steps is not None and t_plan is not None
+                        and step_plan < step < REPLAN_UNTIL * planned_steps):
+                    per_step = (time.time() - t_plan) / (step - step_plan)
+                    t_plan, step_plan = time.time(), step
+                    planned_steps = plan_steps(
+                        step, per_step, 0, tokens_per_step, cfg.eval_interval,
+                        elapsed_before + time.time() - t_start, cfg.time_budget * 60,
+                        cfg.warmup_steps, cfg.max_steps)
+                    planned_steps = int(broadcast_str(str(planned_steps), dist_info, comm_device))
+                    bar.total = planned_steps
             interrupted = any_rank(bool(stop_signal), dist_info, device)
             if step % ckpt_every == 0 or finished or interrupted or is_best or step == stop_at:
                 save(val_loss, is_best)
