@@ -25,8 +25,9 @@ from typing import Any
 from src.utils.cli import UserError
 
 # How long `python train.py` (no arguments: the `small` preset) trains, in minutes. The number
-# of steps is planned from the speed measured during the first steps, so the run ends on time
-# on any machine. Change it here (or with --time-budget) to make the quickstart longer/shorter.
+# of steps is planned from the speed measured during the first steps and revised at each
+# evaluation, so the run ends on time on any machine. Change it here (or with --time-budget)
+# to make the quickstart longer or shorter.
 QUICKSTART_MINUTES = 15.0
 
 
@@ -76,7 +77,7 @@ class TrainConfig:
     # --- hardware ----------------------------------------------------------------------
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     dtype: str = "auto"  # auto (bf16 where supported) | bf16 | fp16 | fp32
-    compile: bool = True  # torch.compile the model (about 3x faster steps on CPU; off for tiny)
+    compile: bool = True  # torch.compile the model (off for tiny: compiling outlasts its runs)
     fsdp: bool = False  # under torchrun: FSDP2 instead of DDP
     peak_tflops: float | None = None  # device peak for MFU; None = known GPUs only
     # --- observability -----------------------------------------------------------------
@@ -104,7 +105,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         compile=False,  # compiling costs more time than such short runs take
     ),
     # The CPU quickstart: planned to fit QUICKSTART_MINUTES on 2 cores (see time_budget). Few
-    # tokens per step: in 15 CPU minutes (~1M tokens) more, smaller steps learn faster.
+    # tokens per step: in 15 CPU minutes (~2M tokens) more, smaller steps learn faster.
     "small": dict(),
     # The original project's scale; a GPU (or a lot of patience).
     "gpt-60m": dict(
