@@ -91,31 +91,12 @@ def test_num_samples_and_no_echo(capsys, run_dir):
 
 
 def test_stop_string_cuts_the_output(capsys, run_dir):
-    full, _ = gen(
-        capsys,
-        run_dir,
-        "--prompt",
-        "The teacher",
-        "--greedy",
-        "--max-new-tokens",
-        "40",
-        "--no-echo",
-    )
+    greedy = ["--prompt", "The teacher", "--greedy", "--max-new-tokens", "40", "--no-echo"]
+    full, _ = gen(capsys, run_dir, *greedy)
     full = full[:-1]  # the final newline
     stop = full[6:9]
     assert len(stop) == 3
-    cut, _ = gen(
-        capsys,
-        run_dir,
-        "--prompt",
-        "The teacher",
-        "--greedy",
-        "--max-new-tokens",
-        "40",
-        "--no-echo",
-        "--stop",
-        stop,
-    )
+    cut, _ = gen(capsys, run_dir, *greedy, "--stop", stop)
     assert cut == full[: full.find(stop)] + "\n"
 
 

@@ -77,7 +77,7 @@ class TrainConfig:
     # --- hardware ----------------------------------------------------------------------
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     dtype: str = "auto"  # auto (bf16 where supported) | bf16 | fp16 | fp32
-    compile: bool = True  # torch.compile the model (off for tiny: compiling outlasts its runs)
+    compile: bool = True  # torch.compile the model (the tiny preset turns it off)
     fsdp: bool = False  # under torchrun: FSDP2 instead of DDP
     peak_tflops: float | None = None  # device peak for MFU; None = known GPUs only
     # --- observability -----------------------------------------------------------------

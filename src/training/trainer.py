@@ -344,7 +344,23 @@ def _train(cfg: TrainConfig, device: torch.device, dist_info: DistInfo, loss_hoo
     bar = progress_bar(None if cfg.time_budget and planned_steps is None else max_steps(), step,
                        cfg.progress and main)
     t_start = time.time()
-    t_plan, step_plan = None, 0  # when and at which step a time budget last planned
+    t_plan, step_plan = 0.0, 0  # when and at which step a time budget last measured its speed
+
+    def plan_from_speed(step: int, unmeasured_eval_tokens: int) -> tuple[int, float]:
+        """The time budget's max_steps from the average step time since the last plan (the
+        same on every rank), and that average. ``unmeasured_eval_tokens``: the validation
+        tokens whose cost the measurement did not include yet (0 when it spanned evaluations)."""
+        nonlocal t_plan, step_plan
+        now = time.time()
+        per_step = (now - t_plan) / (step - step_plan)
+        t_plan, step_plan = now, step
+        planned = plan_steps(step, per_step, unmeasured_eval_tokens, tokens_per_step, cfg.eval_interval,
+                             elapsed_before + now - t_start, cfg.time_budget * 60, cfg.warmup_steps,
+                             cfg.max_steps)
+        planned = int(broadcast_str(str(planned), dist_info, comm_device))
+        bar.total = planned
+        return planned, per_step
+
     start_step = step
     last_loss = math.nan
     last_saved = step if resume_from is not None else -1
@@ -413,14 +429,7 @@ def _train(cfg: TrainConfig, device: torch.device, dist_info: DistInfo, loss_hoo
                 if step == start_step + 1:
                     t_plan, step_plan = time.time(), step  # the first step pays one-off costs: not timed
                 elif planned_steps is None and step == start_step + 1 + CALIBRATION_STEPS:
-                    per_step = (time.time() - t_plan) / CALIBRATION_STEPS
-                    t_plan, step_plan = time.time(), step
-                    planned_steps = plan_steps(
-                        step, per_step, len(eval_tokens), tokens_per_step, cfg.eval_interval,
-                        elapsed_before + time.time() - t_start, cfg.time_budget * 60,
-                        cfg.warmup_steps, cfg.max_steps)
-                    planned_steps = int(broadcast_str(str(planned_steps), dist_info, comm_device))
-                    bar.total = planned_steps
+                    planned_steps, per_step = plan_from_speed(step, len(eval_tokens))
                     if main:
                         bar.write(f"time budget {cfg.time_budget:g} min: {per_step:.2f} s/step -> "
                                   f"planned {planned_steps} steps")
@@ -444,16 +453,8 @@ def _train(cfg: TrainConfig, device: torch.device, dist_info: DistInfo, loss_hoo
                 # included, so the run ends near its budget even when the first steps were slower
                 # or faster than the rest (compilation, a busy machine). Not in the last fifth of
                 # the run, so the learning-rate decay, once under way, keeps its course.
-                if (cfg.time_budget and planned_steps is not None and t_plan is not None
-                        and step_plan < step < REPLAN_UNTIL * planned_steps):
-                    per_step = (time.time() - t_plan) / (step - step_plan)
-                    t_plan, step_plan = time.time(), step
-                    planned_steps = plan_steps(
-                        step, per_step, 0, tokens_per_step, cfg.eval_interval,
-                        elapsed_before + time.time() - t_start, cfg.time_budget * 60,
-                        cfg.warmup_steps, cfg.max_steps)
-                    planned_steps = int(broadcast_str(str(planned_steps), dist_info, comm_device))
-                    bar.total = planned_steps
+                if cfg.time_budget and planned_steps is not None and step_plan < step < REPLAN_UNTIL * planned_steps:
+                    planned_steps, _ = plan_from_speed(step, 0)
             interrupted = any_rank(bool(stop_signal), dist_info, device)
             if step % ckpt_every == 0 or finished or interrupted or is_best or step == stop_at:
                 save(val_loss, is_best)
