@@ -30,9 +30,15 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the repo root
 
 from src.infer.chat_session import ChatSession, CommandError, message_text, parse_command
-from src.infer.generate import add_loading_args, add_sampling_args, load, settings_from_args
-from src.infer.sampling import printable
+from src.infer.generate import (
+    add_loading_args,
+    add_sampling_args,
+    load_model_from_args,
+    settings_from_args,
+)
+from src.infer.sampling import CHAT_DEFAULTS
 from src.utils.cli import run_cli
+from src.utils.terminal import printable
 
 
 def read_lines_piped():
@@ -80,13 +86,14 @@ def main(argv: list[str] | None = None) -> int:
         epilog='Piped: echo "Hello" | python chat.py  prints one reply per input line.',
     )
     add_loading_args(parser)
-    add_sampling_args(parser, temperature=0.8, top_p=0.9)
-    parser.add_argument("--max-tokens", type=int, default=200, help="longest reply (default 200)")
+    add_sampling_args(parser, CHAT_DEFAULTS)
+    parser.add_argument("--max-tokens", type=int, default=CHAT_DEFAULTS.max_new_tokens,
+                        help=f"longest reply (default {CHAT_DEFAULTS.max_new_tokens})")
     args = parser.parse_args(argv)
     settings = settings_from_args(args, args.max_tokens, max_tokens_flag="--max-tokens")
 
     interactive = sys.stdin.isatty()
-    model, tokenizer, info = load(args)
+    model, tokenizer, info = load_model_from_args(args)
     session = ChatSession(model, tokenizer, settings, seed=args.seed)
     # Stdout carries only replies when piped; everything else goes to stderr then.
     talk = sys.stdout if interactive else sys.stderr

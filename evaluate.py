@@ -55,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --data-dir: wiki.*.raw or wiki.*.tokens (auto: the variant of the train file, as prepare_data)")
     p.add_argument("--stride", type=int, help="sliding-window stride in tokens (default: half the model's context)")
     p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
-    p.add_argument("--dtype", default="auto", choices=("auto", "bf16", "fp32"), help="auto: bf16 on CUDA, else fp32")
+    p.add_argument("--dtype", default="auto", choices=("auto", "bf16", "fp32"), help="auto: as training (bf16 where the GPU or CPU runs it natively, else fp32)")
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps")
     p.add_argument("--max-tokens", type=int, metavar="N", help="score only the first N tokens of each corpus (quick look)")
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON here")
@@ -72,24 +72,6 @@ def parse_tasks(spec: str) -> tuple[list[str], bool]:
     if unknown or not tasks:
         raise UserError(f"--tasks {spec!r}: expected some of {', '.join(TASKS)}")
     return tasks, True
-
-
-def pick_device(name: str):
-    import torch
-
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"--device {name!r}: not a device (use auto, cpu, cuda, cuda:N or mps)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {name}: CUDA is not available on this machine")
-    return device
 
 
 def load_corpora(args: argparse.Namespace) -> dict[str, Any]:
@@ -143,8 +125,9 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from src.training.checkpoint import load_model
+    from src.checkpoint import load_model
     from src.utils.atomic import write_json_atomic
+    from src.utils.device import pick_device, pick_dtype
 
     device = pick_device(args.device)
     model, tokenizer, info = load_model(args.checkpoint or args.run, device=device)
@@ -152,7 +135,8 @@ def main(argv: list[str] | None = None) -> int:
     stride = args.stride or max(1, context // 2)
     if stride > context:
         raise UserError(f"--stride {stride}: must be at most the model's context ({context})")
-    dtype = args.dtype if args.dtype != "auto" else ("bf16" if device.type == "cuda" else "fp32")
+    autocast_dtype = pick_dtype(args.dtype, device)
+    dtype = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[autocast_dtype]
     meta = info.get("data_meta") or {}
     if "detokenized" in meta:
         detokenize = bool(meta["detokenized"])
@@ -161,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         print("note: the run has no data meta.json; assuming its text was detokenised (the default)", file=sys.stderr)
     common = dict(
         context_length=context, stride=stride, batch_size=args.batch_size, device=device,
-        autocast_dtype=torch.bfloat16 if dtype == "bf16" else None, max_tokens=args.max_tokens,
+        autocast_dtype=autocast_dtype, max_tokens=args.max_tokens,
         detokenize=detokenize,
     )
     results: dict[str, Any] = {

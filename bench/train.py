@@ -62,7 +62,7 @@ def make_step(preset: str, impl: str):
             logits = model(input_ids=x).logits
             return F.cross_entropy(logits.view(-1, logits.size(-1)), y.reshape(-1))
     else:
-        from src.training.trainer import pick_dtype
+        from src.utils.device import pick_dtype
 
         model = GPT(cfg)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, fused=True)

@@ -4,7 +4,7 @@
     data_dir = make_token_data(tmp_path / "data")     # tokenizer.json, train.bin, val.bin, meta.json
     run_dir = make_tiny_run(tmp_path)                 # a run folder with a checkpoint (tiny preset)
 
-The data is in the exact format src/data/prepare_data.py writes (see GUIDE.md), built here
+The data is in the exact format src/data/prepare_data.py writes (see its docstring), built here
 directly (no call to prepare_data) from a small synthetic English corpus, so tests of other
 areas do not depend on the data pipeline.
 """
@@ -105,7 +105,7 @@ def make_tiny_run(tmp_dir: str | Path, *, steps: int = 6, **overrides: Any) -> P
 
     Returns the run folder (``tmp_dir/run``), holding config.json, tokenizer.json,
     metrics.jsonl and checkpoints (latest and best); load it with
-    ``src.training.checkpoint.load_model(run_dir)``. Takes a couple of seconds.
+    ``src.checkpoint.load_model(run_dir)``. Takes a couple of seconds.
     """
     from src.training.trainer import train
 

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from src import checkpoint as reader
 from src.training import checkpoint as ck
 from src.training.config import make_config
 from src.training.optim import build_optimizers
@@ -26,11 +27,11 @@ def test_load_model_from_run_dir(tiny_run):
     from src.data.bpe import BPETokenizer
     from src.model.gpt import GPT
 
-    model, tok, info = ck.load_model(tiny_run)
+    model, tok, info = reader.load_model(tiny_run)
     assert isinstance(model, GPT) and isinstance(tok, BPETokenizer)
     assert not model.training
     assert info["run_dir"] == tiny_run and info["step"] == 6
-    assert info["checkpoint"] == ck.best_checkpoint(tiny_run)
+    assert info["checkpoint"] == reader.best_checkpoint(tiny_run)
     assert info["tokenizer_hash"] == tok.hash == info["data_meta"]["tokenizer_hash"]
     assert info["model_config"]["vocab_size"] == tok.vocab_size
     assert info["train_config"]["preset"] == "tiny"
@@ -50,36 +51,36 @@ def test_load_model_from_run_dir(tiny_run):
 
 def test_load_model_resolution(tiny_run, tmp_path, monkeypatch):
     step3 = tiny_run / "checkpoints" / "step_0000003"
-    _, _, info = ck.load_model(step3)
+    _, _, info = reader.load_model(step3)
     assert info["step"] == 3
-    _, _, info = ck.load_model(step3 / "model.safetensors")
+    _, _, info = reader.load_model(step3 / "model.safetensors")
     assert info["step"] == 3
     # None: the newest run under ./runs
     runs = tmp_path / "runs"
     shutil.copytree(tiny_run, runs / "a")
     monkeypatch.chdir(tmp_path)
-    _, _, info = ck.load_model()
+    _, _, info = reader.load_model()
     assert info["run_dir"].resolve() == (runs / "a").resolve()
 
 
 def test_load_model_errors(tiny_run, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(UserError, match="python train.py"):
-        ck.load_model()
+        reader.load_model()
     with pytest.raises(UserError, match="does not exist"):
-        ck.load_model(tmp_path / "nope")
+        reader.load_model(tmp_path / "nope")
     empty = tmp_path / "empty_run"
     empty.mkdir()
     with pytest.raises(UserError, match="no complete checkpoint"):
-        ck.load_model(empty)
+        reader.load_model(empty)
     # An incomplete checkpoint folder is refused, not half-loaded.
     broken = tmp_path / "broken"
     shutil.copytree(tiny_run, broken)
     (broken / "checkpoints" / "step_0000006" / "model.safetensors").unlink()
     with pytest.raises(UserError, match="incomplete"):
-        ck.load_model(broken / "checkpoints" / "step_0000006")
+        reader.load_model(broken / "checkpoints" / "step_0000006")
     # The run falls back from the (now broken) best/latest to a complete checkpoint.
-    _, _, info = ck.load_model(broken)
+    _, _, info = reader.load_model(broken)
     assert info["step"] == 3
     # A tokenizer that is not the checkpoint's is refused.
     other = tmp_path / "other"
@@ -89,7 +90,7 @@ def test_load_model_errors(tiny_run, tmp_path, monkeypatch):
     tok = BPETokenizer.load(other / "tokenizer.json")
     BPETokenizer(tok.merges[:-1]).save(other / "tokenizer.json")
     with pytest.raises(UserError, match="not the tokenizer"):
-        ck.load_model(other)
+        reader.load_model(other)
 
 
 def test_latest_pointer_and_stale_temp_dirs(tiny_run, tmp_path):
@@ -100,10 +101,10 @@ def test_latest_pointer_and_stale_temp_dirs(tiny_run, tmp_path):
     # A crash mid-save leaves a temp folder; it is never picked up as a checkpoint.
     (root / ".tmp-step_0000009").mkdir()
     (root / ".tmp-step_0000009" / "state.json").write_text("{}")
-    assert ck.latest_checkpoint(run).name == "step_0000006"
+    assert reader.latest_checkpoint(run).name == "step_0000006"
     # A lost/garbled pointer falls back to the highest complete step.
     (root / "latest").write_text("garbage")
-    assert ck.latest_checkpoint(run).name == "step_0000006"
+    assert reader.latest_checkpoint(run).name == "step_0000006"
 
 
 def _trained_model_and_opt(optimizer: str):

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from src.training import checkpoint as ck
+from src import checkpoint as reader
 from tests.fixtures import make_token_data
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -59,15 +59,15 @@ def test_two_processes_match_one(single, tmp_path, fsdp):
     a, b = losses(single), losses(multi)
     assert len(a) == len(b) == 4
     assert a == pytest.approx(b, rel=1e-4, abs=1e-5)
-    state = ck.read_state(ck.latest_checkpoint(multi))
+    state = reader.read_state(reader.latest_checkpoint(multi))
     assert state["world_size"] == 2 and state["step"] == 4
     assert (multi / "checkpoints" / "step_0000004" / "rng_rank1.safetensors").is_file()
     if not fsdp:
         # Checked over ranks at every checkpoint (training raises if they differ).
         assert isinstance(state["param_checksum"], float)
     # Weights of the two runs agree; the multi-process checkpoint loads for inference.
-    model_1, _, _ = ck.load_model(single / "checkpoints" / "step_0000004")
-    model_2, _, _ = ck.load_model(multi / "checkpoints" / "step_0000004")
+    model_1, _, _ = reader.load_model(single / "checkpoints" / "step_0000004")
+    model_2, _, _ = reader.load_model(multi / "checkpoints" / "step_0000004")
     for (name, p1), p2 in zip(model_1.state_dict().items(), model_2.state_dict().values()):
         assert (p1 - p2).abs().max().item() < 1e-4, name
     if fsdp:
@@ -75,4 +75,4 @@ def test_two_processes_match_one(single, tmp_path, fsdp):
     # Resume the 2-process run for 2 more steps.
     run([*torchrun, "train.py", *COMMON[:2], "--max-steps", "6", "--resume", *flags, "--data", str(data),
          "--run-dir", str(multi), "--no-progress"])
-    assert ck.read_state(ck.latest_checkpoint(multi))["step"] == 6
+    assert reader.read_state(reader.latest_checkpoint(multi))["step"] == 6

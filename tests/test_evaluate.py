@@ -209,7 +209,7 @@ def test_evaluated_streams_are_exactly_what_prepare_data_writes(tmp_path, keep_t
 
 @pytest.mark.slow
 def test_cli_end_to_end_matches_an_independent_computation(tiny_run, tmp_path):
-    from src.training.checkpoint import load_model
+    from src.checkpoint import load_model
 
     data = make_release_dir(tmp_path / "data")
     out_json = tmp_path / "eval.json"

@@ -378,7 +378,7 @@ def test_same_seed_same_text_and_samples_of_a_batch_differ(gpt, tok):
 
 
 def test_printable_drops_terminal_control_characters():
-    from src.infer.sampling import printable
+    from src.utils.terminal import printable
 
     assert printable("a\x1b[31mb\x00\tc\r\n\x7f\x9bé€") == "a[31mb\tc\né€"
 

@@ -16,6 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from src import checkpoint as reader
 from src.training import checkpoint as ck
 from src.training.config import (
     PRESETS,
@@ -66,7 +67,7 @@ def test_resume_is_bit_identical(data_dir, tmp_path, dtype):
     common = dict(max_steps=6, eval_interval=3, dropout=0.1, tokens_per_step=2 * 4 * 64, dtype=dtype)
     straight = train(tiny_config(data_dir, tmp_path / "a", **common))["run_dir"]
     train(tiny_config(data_dir, tmp_path / "b", stop_at_step=3, **common))
-    assert ck.latest_checkpoint(tmp_path / "b").name == "step_0000003"
+    assert reader.latest_checkpoint(tmp_path / "b").name == "step_0000003"
     assert max(s for s, _ in train_losses(tmp_path / "b")) == 3
     train(tiny_config(data_dir, tmp_path / "b", resume=True, **common))
     a, b = train_losses(straight), train_losses(tmp_path / "b")
@@ -75,15 +76,15 @@ def test_resume_is_bit_identical(data_dir, tmp_path, dtype):
     val_a = [r["val_loss"] for r in read_metrics(straight) if "val_loss" in r]
     val_b = [r["val_loss"] for r in read_metrics(tmp_path / "b") if "val_loss" in r]
     assert val_a == val_b and len(val_a) == 2
-    wa = load_file(str(ck.latest_checkpoint(straight) / "model.safetensors"))
-    wb = load_file(str(ck.latest_checkpoint(tmp_path / "b") / "model.safetensors"))
+    wa = load_file(str(reader.latest_checkpoint(straight) / "model.safetensors"))
+    wb = load_file(str(reader.latest_checkpoint(tmp_path / "b") / "model.safetensors"))
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
 def test_resume_without_checkpoint_starts_fresh(data_dir, tmp_path, capsys):
     train(tiny_config(data_dir, tmp_path / "r", resume=True, max_steps=2))
     assert "starting fresh" in capsys.readouterr().out
-    assert ck.latest_checkpoint(tmp_path / "r").name == "step_0000002"
+    assert reader.latest_checkpoint(tmp_path / "r").name == "step_0000002"
     # Training into a run that has checkpoints without --resume is refused.
     with pytest.raises(UserError, match="--resume"):
         train(tiny_config(data_dir, tmp_path / "r", max_steps=2))
@@ -107,9 +108,9 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(data_dir, tmp_path):
     cfg = tiny_config(data_dir, tmp_path / "r", max_steps=10, checkpoint_interval=2, eval_interval=100)
     with pytest.raises(NonFiniteLoss, match=r"non-finite loss at step 5.*step_0000004"):
         train(cfg, loss_hook=inject)
-    latest = ck.latest_checkpoint(tmp_path / "r")
+    latest = reader.latest_checkpoint(tmp_path / "r")
     assert latest.name == "step_0000004"
-    model, _, info = ck.load_model(tmp_path / "r")
+    model, _, info = reader.load_model(tmp_path / "r")
     assert info["step"] == 4
     assert all(torch.isfinite(p).all() for p in model.parameters())
     # The run resumes from it normally.
@@ -122,7 +123,7 @@ def test_huge_lr_stops_with_clear_message(data_dir, tmp_path):
     with pytest.raises(NonFiniteLoss, match="non-finite .* at step .*Last good checkpoint") as exc:
         train(cfg)
     assert "\n" not in str(exc.value)
-    _, _, info = ck.load_model(tmp_path / "r")  # the last good checkpoint loads
+    _, _, info = reader.load_model(tmp_path / "r")  # the last good checkpoint loads
     assert info["step"] >= 1
 
 
@@ -135,7 +136,7 @@ def test_signal_in_process_saves_and_returns(data_dir, tmp_path, sig):
 
     res = train(tiny_config(data_dir, tmp_path / "r", max_steps=50, eval_interval=100), loss_hook=send)
     assert res["step"] == 3 and "interrupted" in res["end_reason"] and sig.name in res["end_reason"]
-    assert ck.latest_checkpoint(tmp_path / "r").name == "step_0000003"
+    assert reader.latest_checkpoint(tmp_path / "r").name == "step_0000003"
     assert signal.getsignal(sig) is not None  # handlers restored
     assert train(tiny_config(data_dir, tmp_path / "r", max_steps=5, resume=True))["step"] == 5
 
@@ -159,8 +160,8 @@ def test_sigterm_to_real_process_saves_checkpoint_and_exits_cleanly(data_dir, tm
     assert proc.returncode == 0, err
     assert "interrupted" in out and "Traceback" not in err
     last_step = train_losses(run)[-1][0]
-    assert ck.latest_checkpoint(run).name == ck.checkpoint_name(last_step)
-    assert ck.read_state(ck.latest_checkpoint(run))["step"] == last_step
+    assert reader.latest_checkpoint(run).name == reader.checkpoint_name(last_step)
+    assert reader.read_state(reader.latest_checkpoint(run))["step"] == last_step
 
 
 # ---------------------------------------------------------------------------------------------
@@ -198,7 +199,7 @@ def test_muon_trains(data_dir, tmp_path):
                             lr=0.01, warmup_steps=2))
     losses = [loss for _, loss in train_losses(res["run_dir"])]
     assert losses[-1] < losses[0] - 0.5
-    state = ck.read_state(ck.latest_checkpoint(res["run_dir"]))
+    state = reader.read_state(reader.latest_checkpoint(res["run_dir"]))
     assert state["optimizers"] == ["Muon", "AdamW"]
 
 
@@ -235,13 +236,13 @@ def test_time_budget_replans_at_evaluations(data_dir, tmp_path, monkeypatch):
     # confirm. Without re-planning the run would stop at 17.
     expected = 10 + int(180 * (1 - BUDGET_RESERVE) - 64)
     assert res["step"] == res["max_steps"] == expected > 17
-    assert ck.read_state(ck.latest_checkpoint(tmp_path / "r"))["planned_steps"] == expected
+    assert reader.read_state(reader.latest_checkpoint(tmp_path / "r"))["planned_steps"] == expected
 
 
 def test_time_budget_in_the_loop(data_dir, tmp_path):
     res = train(tiny_config(data_dir, tmp_path / "t", max_steps=12, time_budget=1000.0, eval_interval=100))
     assert res["step"] == res["max_steps"] == 12
-    assert ck.read_state(ck.latest_checkpoint(tmp_path / "t"))["planned_steps"] == 12
+    assert reader.read_state(reader.latest_checkpoint(tmp_path / "t"))["planned_steps"] == 12
 
 
 # ---------------------------------------------------------------------------------------------
@@ -358,7 +359,7 @@ def test_entry_point_runs_tiny(data_dir, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert f"saved to {run}" in proc.stdout and "python chat.py --run" in proc.stdout
     assert "sample: 'The" in proc.stdout
-    assert ck.latest_checkpoint(run).name == "step_0000003"
+    assert reader.latest_checkpoint(run).name == "step_0000003"
 
 
 @pytest.mark.slow
@@ -387,10 +388,10 @@ def test_kill_9_never_corrupts_the_latest_checkpoint(data_dir, tmp_path):
         time.sleep(rng.uniform(0.0, 0.4))
         proc.kill()
         proc.wait()
-        latest = ck.latest_checkpoint(run)
+        latest = reader.latest_checkpoint(run)
         assert latest is not None
-        model, _, info = ck.load_model(latest)
-        assert info["step"] == ck.read_state(latest)["step"] >= 1
+        model, _, info = reader.load_model(latest)
+        assert info["step"] == reader.read_state(latest)["step"] >= 1
         # The full training state loads too (optimiser, RNG), not just the weights.
         from src.model.gpt import GPT
 
@@ -399,7 +400,7 @@ def test_kill_9_never_corrupts_the_latest_checkpoint(data_dir, tmp_path):
         ck.load_checkpoint(latest, fresh, build_optimizers(fresh, cfg), restore_rng=False)
     proc = subprocess.run(args + ["--resume"], cwd=ROOT, capture_output=True, text=True, timeout=120, env=ENV)
     assert proc.returncode == 0, proc.stderr
-    assert ck.read_state(ck.latest_checkpoint(run))["step"] == 40
+    assert reader.read_state(reader.latest_checkpoint(run))["step"] == 40
     steps = [s for s, _ in train_losses(run)]
     assert steps == list(range(1, 41))  # metrics.jsonl tells one consistent story
     assert not list((run / "checkpoints").glob(".tmp-*"))

@@ -6,7 +6,8 @@ followed by the turn's text; a finished conversation ends with ``<|endoftext|>``
     <|user|>Hi, how are you?<|assistant|>Fine, thanks. And you?<|user|>...<|endoftext|>
 
 An assistant turn therefore ends where the next ``<|user|>`` or the ``<|endoftext|>``
-begins: those are the stop tokens of a reply (``ASSISTANT_STOP_TOKENS``).
+begins (``ASSISTANT_STOP_TOKENS``, the proper ends of a reply). The stop rule of a generated
+reply, ``reply_stop_ids``, is wider: any special token ends it, as none belongs in its text.
 
 Token ids are built structurally: role and end tokens are inserted as ids and each turn's
 text is encoded with the tokenizer's plain ``encode``, which never yields a special token.
@@ -23,6 +24,13 @@ from src.data.special_tokens import ASSISTANT, ENDOFTEXT, USER
 Role = Literal["user", "assistant"]
 ROLE_TOKENS: dict[str, str] = {"user": USER, "assistant": ASSISTANT}
 ASSISTANT_STOP_TOKENS: tuple[str, ...] = (USER, ENDOFTEXT)
+
+
+def reply_stop_ids(special_tokens: dict[str, int]) -> list[int]:
+    """The stop rule of a generated assistant reply, as token ids: every special token.
+    ``<|user|>`` and ``<|endoftext|>`` (ASSISTANT_STOP_TOKENS) are its proper ends; any other
+    special token has no business inside a reply's text, so it ends the reply too."""
+    return sorted(set(special_tokens.values()))
 
 
 class TokenizerLike(Protocol):

@@ -8,9 +8,9 @@ dialogue follows the previous document's end token) and followed by ``<|assistan
 
     <|endoftext|><|user|>Hi!<|assistant|>Hello.<|user|>How are you?<|assistant|>
 
-The model continues with the reply, which ends at a stop token: ``<|user|>`` or
-``<|endoftext|>`` (``ASSISTANT_STOP_TOKENS``) or any other special token, which has no
-business inside a reply.
+The model continues with the reply, which ends at a stop token (the template's stop rule,
+``reply_stop_ids``): ``<|user|>`` or ``<|endoftext|>`` or any other special token, which has
+no business inside a reply.
 
 Fitting the context. The prompt may use the context minus the room kept for the reply
 (``max_tokens``, but at most half the context). When the history no longer fits, the oldest
@@ -30,9 +30,16 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from src.data.chat_template import Turn, encode_chat
+from src.data.chat_template import Turn, encode_chat, reply_stop_ids
 from src.data.special_tokens import ASSISTANT, ENDOFTEXT
-from src.infer.sampling import SamplingSettings, context_length_of, generate
+from src.infer.sampling import (
+    CHAT_DEFAULTS,
+    SamplingSettings,
+    context_length_of,
+    generate,
+    rename_setting_in_error,
+)
+from src.utils.device import make_generator
 
 Notice = Callable[[str], None]
 
@@ -143,7 +150,7 @@ def parse_command(line: str, settings: SamplingSettings) -> Command | None:
     try:
         new = replace(settings, **{field_name: value})
     except ValueError as exc:  # "top_p must be in (0, 1], got 7.0" -> "/top_p must be ..."
-        raise CommandError(name + str(exc)[len(field_name) :]) from None
+        raise CommandError(rename_setting_in_error(exc, lambda _field: name)) from None
     return Command("set", settings=new, message=f"({name[1:]} = {arg})")
 
 
@@ -186,20 +193,13 @@ class ChatSession:
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
-        self.settings = settings or SamplingSettings(max_new_tokens=200, temperature=0.8, top_p=0.9)
-        device = next(model.parameters()).device
-        self.generator = torch.Generator(device=device)
-        if seed is None:
-            self.generator.seed()
-        else:
-            self.generator.manual_seed(seed)
+        self.settings = settings or CHAT_DEFAULTS
+        self.generator = make_generator(seed, next(model.parameters()).device)
         self.history: list[tuple[Turn, list[int]]] = []
         specials = tokenizer.special_tokens
         self.prefix = [specials[ENDOFTEXT]]
         self.suffix = [specials[ASSISTANT]]
-        # Every special token ends a reply: <|user|> and <|endoftext|> are its proper ends
-        # (ASSISTANT_STOP_TOKENS); any other has no business inside a reply's text.
-        self.stop_ids = sorted(set(specials.values()))
+        self.stop_ids = reply_stop_ids(specials)
 
     @property
     def context_length(self) -> int:

@@ -24,10 +24,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo root
 
-import torch
 
-from src.infer.sampling import SamplingSettings, generate, printable
+from src.checkpoint import load_model
+from src.infer.sampling import TEXT_DEFAULTS, SamplingSettings, generate, rename_setting_in_error
 from src.utils.cli import UserError, run_cli
+from src.utils.device import make_generator, pick_device
+from src.utils.terminal import printable
 
 
 def unescape(text: str) -> str:
@@ -54,14 +56,6 @@ def read_prompt_file(path: str) -> str:
         raise UserError(f"--prompt-file {path}: not UTF-8 text (byte {exc.start})") from None
 
 
-def pick_device(name: str) -> str:
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {name}: no CUDA device is available (use --device cpu)")
-    return name
-
-
 def add_loading_args(parser: argparse.ArgumentParser) -> None:
     """--run / --checkpoint / --device, shared with chat.py."""
     where = parser.add_mutually_exclusive_group()
@@ -70,10 +64,9 @@ def add_loading_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: auto)")
 
 
-def load(args: argparse.Namespace):
-    """(model, tokenizer, info) from --run/--checkpoint, or the newest run; safetensors only."""
-    from src.training.checkpoint import load_model
-
+def load_model_from_args(args: argparse.Namespace):
+    """(model, tokenizer, info) from --run/--checkpoint (or the newest run) on --device;
+    safetensors only."""
     return load_model(args.run or args.checkpoint, device=pick_device(args.device))
 
 
@@ -91,48 +84,41 @@ def settings_from_args(
             greedy=getattr(args, "greedy", False),
         )
     except ValueError as exc:
-        message = str(exc)  # starts with the field's name, e.g. "top_p must be in (0, 1] ..."
-        field = message.split(" ", 1)[0]
-        flag = max_tokens_flag if field == "max_new_tokens" else "--" + field.replace("_", "-")
-        raise UserError(flag + message[len(field) :]) from None
+
+        def flag(field: str) -> str:
+            return max_tokens_flag if field == "max_new_tokens" else "--" + field.replace("_", "-")
+
+        raise UserError(rename_setting_in_error(exc, flag)) from None
 
 
-def add_sampling_args(parser: argparse.ArgumentParser, temperature: float, top_p: float) -> None:
-    """The sampling flags, shared with chat.py (the defaults differ)."""
+def add_sampling_args(parser: argparse.ArgumentParser, defaults: SamplingSettings) -> None:
+    """The sampling flags, shared with chat.py (``defaults``: TEXT_DEFAULTS or CHAT_DEFAULTS)."""
     parser.add_argument(
         "--temperature",
         type=float,
-        default=temperature,
-        help=f"randomness; 0 = greedy (default {temperature})",
+        default=defaults.temperature,
+        help=f"randomness; 0 = greedy (default {defaults.temperature})",
     )
     parser.add_argument(
         "--top-k",
         type=int,
-        default=0,
-        help="sample among the K most likely tokens (default 0 = off)",
+        default=defaults.top_k or 0,
+        help=f"sample among the K most likely tokens (default {defaults.top_k or 0}; 0 = off)",
     )
     parser.add_argument(
         "--top-p",
         type=float,
-        default=top_p,
-        help=f"nucleus: the most likely tokens covering P (default {top_p})",
+        default=defaults.top_p,
+        help=f"nucleus: the most likely tokens covering P (default {defaults.top_p})",
     )
     parser.add_argument(
         "--repetition-penalty",
         type=float,
-        default=1.0,
-        help="> 1 discourages tokens already in the text (default 1 = off)",
+        default=defaults.repetition_penalty,
+        help=f"> 1 discourages tokens already in the text (default {defaults.repetition_penalty}; "
+        "1 = off)",
     )
     parser.add_argument("--seed", type=int, default=None, help="for reproducible output")
-
-
-def make_generator(seed: int | None, device: torch.device) -> torch.Generator:
-    generator = torch.Generator(device=device)
-    if seed is None:
-        generator.seed()
-    else:
-        generator.manual_seed(seed)
-    return generator
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -144,8 +130,9 @@ def main(argv: list[str] | None = None) -> int:
     prompt = parser.add_mutually_exclusive_group()
     prompt.add_argument("--prompt", help="the text to continue (default: start a new document)")
     prompt.add_argument("--prompt-file", help="read the prompt from this UTF-8 file")
-    parser.add_argument("--max-new-tokens", type=int, default=200, help="(default 200)")
-    add_sampling_args(parser, temperature=0.8, top_p=0.95)
+    parser.add_argument("--max-new-tokens", type=int, default=TEXT_DEFAULTS.max_new_tokens,
+                        help=f"(default {TEXT_DEFAULTS.max_new_tokens})")
+    add_sampling_args(parser, TEXT_DEFAULTS)
     parser.add_argument("--greedy", action="store_true", help="always the most likely token")
     parser.add_argument("--num-samples", type=int, default=1, help="samples drawn as one batch")
     parser.add_argument(
@@ -166,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError("--stop needs a non-empty text")
     text = read_prompt_file(args.prompt_file) if args.prompt_file else (args.prompt or "")
 
-    model, tokenizer, _info = load(args)
+    model, tokenizer, _info = load_model_from_args(args)
     device = next(model.parameters()).device
     # A document starts after an <|endoftext|>, as in training; the prompt is plain text.
     prompt_ids = [tokenizer.eot_id, *tokenizer.encode(text)]

@@ -83,6 +83,24 @@ class SamplingSettings:
         return self.greedy or self.temperature == 0.0
 
 
+# The defaults of the commands, in one place (argparse defaults, the chat session, the
+# sample printed after training all read them). A little below 1: fewer unlikely tokens.
+DEFAULT_TEMPERATURE = 0.8
+# chat.py and ChatSession: a slightly tighter nucleus keeps replies on topic.
+CHAT_DEFAULTS = SamplingSettings(max_new_tokens=200, temperature=DEFAULT_TEMPERATURE, top_p=0.9)
+# src/infer/generate.py: continuing a document.
+TEXT_DEFAULTS = SamplingSettings(max_new_tokens=200, temperature=DEFAULT_TEMPERATURE, top_p=0.95)
+
+
+def rename_setting_in_error(error: ValueError, rename: Callable[[str], str]) -> str:
+    """The message of a SamplingSettings ``ValueError`` (which starts with the field's name,
+    e.g. "top_p must be in (0, 1], got 7.0") with that name replaced by ``rename(field)``,
+    e.g. the command-line flag "--top-p" or the chat command "/top_p"."""
+    message = str(error)
+    field_name = message.split(" ", 1)[0]
+    return rename(field_name) + message[len(field_name) :]
+
+
 # ----------------------------------------------------------------------------------------
 # 1. Logit processing: pure functions on (B, vocab) tensors.
 
@@ -275,17 +293,6 @@ def undecodable_ids(tokenizer, vocab_size: int) -> list[int]:
         except ValueError:
             bad.append(i)
     return bad + list(range(known, vocab_size))
-
-
-# Control characters other than tab and newline: C0, DEL and C1. A model can emit them (an
-# untrained one does), and ESC sequences written to a terminal can move the cursor, recolour
-# or retitle it. Text shown to a person goes through ``printable``.
-_CONTROL = {c: None for c in [*range(0, 9), *range(11, 32), *range(127, 160)]}
-
-
-def printable(text: str) -> str:
-    """``text`` without control characters other than tab and newline, for a terminal."""
-    return text.translate(_CONTROL)
 
 
 class StopStringFilter:

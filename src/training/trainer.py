@@ -30,9 +30,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from src import checkpoint as reader
 from src.data.bpe import BPETokenizer
 from src.eval.perplexity import sliding_window_nll, text_bytes
-from src.infer.sampling import SamplingSettings, generate
+from src.infer.sampling import DEFAULT_TEMPERATURE, SamplingSettings, generate
 from src.model.gpt import GPT, GPTConfig
 from src.training import checkpoint as ckpt_io
 from src.training.config import TrainConfig, make_config
@@ -58,6 +59,7 @@ from src.training.observe import (
 from src.training.optim import build_optimizers, lr_at, set_lr
 from src.utils.atomic import write_json_atomic
 from src.utils.cli import UserError
+from src.utils.device import cpu_has_fast_bf16, make_generator, pick_device, pick_dtype
 
 # Share of a time budget kept for evaluations, checkpoints and the final save.
 BUDGET_RESERVE = 0.04
@@ -67,45 +69,6 @@ REPLAN_UNTIL = 0.8  # a time budget's plan is revised at evaluations until this 
 
 class NonFiniteLoss(UserError):
     """The loss (or gradient norm) became NaN or infinite: the run stops, checkpoints intact."""
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {name}: CUDA is not available on this machine")
-    if name == "mps" and not torch.backends.mps.is_available():
-        raise UserError("--device mps: MPS is not available on this machine")
-    return torch.device(name)
-
-
-def cpu_has_fast_bf16() -> bool:
-    """Whether this CPU runs bf16 matmuls natively (AVX-512 BF16 / AMX). Without it (e.g. an
-    AVX2-only CPU) oneDNN emulates them, measured here at ~100x slower than fp32."""
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
-
-
-def pick_dtype(name: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype (None = plain fp32). auto: bf16 on GPUs that support it and on CPUs
-    with native bf16 matmuls, else fp32 (fp16 on older GPUs)."""
-    if name == "fp32":
-        return None
-    if name == "fp16":
-        return torch.float16
-    if name == "bf16":
-        return torch.bfloat16
-    if device.type == "cpu":
-        return torch.bfloat16 if cpu_has_fast_bf16() else None
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return None  # auto on MPS: fp32
 
 
 def default_run_dir(cfg: TrainConfig, resume: bool) -> Path:
@@ -166,10 +129,10 @@ def check_ranks_in_sync(model: torch.nn.Module, info: DistInfo, device: torch.de
 
 def sample_text(model: torch.nn.Module, tokenizer, max_new_tokens: int, device: torch.device,
                 prompt: str = "The") -> str:
-    """A short sample (top-k, temperature 0.8) from a fixed prompt, to see what was learned.
+    """A short sample (top-k, the default temperature) from a fixed prompt, to see what was learned.
     Uses its own generator: the training RNG streams are not touched."""
-    settings = SamplingSettings(max_new_tokens=max_new_tokens, temperature=0.8, top_k=50)
-    generator = torch.Generator(device=device).manual_seed(0)
+    settings = SamplingSettings(max_new_tokens=max_new_tokens, temperature=DEFAULT_TEMPERATURE, top_k=50)
+    generator = make_generator(0, device)
     was_training = model.training
     model.eval()
     try:
@@ -228,14 +191,14 @@ def _train(cfg: TrainConfig, device: torch.device, dist_info: DistInfo, loss_hoo
     comm_device = device if device.type == "cuda" else torch.device("cpu")  # NCCL needs CUDA tensors
     run_dir = Path(broadcast_str(str(run_dir), dist_info, comm_device))
     cfg.run_dir = str(run_dir)
-    resume_from = ckpt_io.latest_checkpoint(run_dir) if cfg.resume else None
+    resume_from = reader.latest_checkpoint(run_dir) if cfg.resume else None
     if cfg.resume and resume_from is None:
         log(f"--resume: no checkpoint in {run_dir} yet, starting fresh")
-    if resume_from is None and ckpt_io.list_checkpoints(run_dir):
+    if resume_from is None and reader.list_checkpoints(run_dir):
         raise UserError(f"{run_dir} already holds checkpoints; add --resume to continue it "
                         "or choose another --run-dir")
     if resume_from is not None:
-        saved_hash = ckpt_io.read_state(resume_from).get("tokenizer_hash")
+        saved_hash = reader.read_state(resume_from).get("tokenizer_hash")
         if saved_hash != meta["tokenizer_hash"]:
             raise UserError(f"checkpoint {resume_from} was trained with tokenizer {str(saved_hash)[:12]} "
                             f"but {data_dir} uses {meta['tokenizer_hash'][:12]}; resume with the same "
@@ -393,7 +356,7 @@ def _train(cfg: TrainConfig, device: torch.device, dist_info: DistInfo, loss_hoo
                 raw_model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
             loss_val, norm_val = float(loss_t), float(grad_norm)
             if not (math.isfinite(loss_val) and (math.isfinite(norm_val) or scaler)):
-                last = ckpt_io.latest_checkpoint(run_dir)
+                last = reader.latest_checkpoint(run_dir)
                 raise NonFiniteLoss(
                     f"non-finite {'loss' if not math.isfinite(loss_val) else 'gradient norm'} at step "
                     f"{step + 1} (loss {loss_val}, grad norm {norm_val}); stopped without applying it. "
