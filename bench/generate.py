@@ -28,7 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root
 import torch
 
 from src.infer.sampling import SamplingSettings, stream_ids
-from src.model.gpt import GPT, GPTConfig
+from src.model.gpt import GPT
+from src.training.presets import model_config
 from src.utils.atomic import write_json_atomic
 
 
@@ -80,7 +81,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     ctx = max(256, args.prompt_tokens + args.new_tokens)
-    cfg = GPTConfig.from_preset("small", context_length=ctx)
+    cfg = model_config("small", context_length=ctx)
     model = GPT(cfg).eval()
     prompt = torch.randint(
         0, cfg.vocab_size, (args.prompt_tokens,), generator=torch.Generator().manual_seed(1)

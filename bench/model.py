@@ -39,7 +39,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root
 import torch
 import torch.nn.functional as F
 
-from src.model.gpt import GPT, GPTConfig
+from src.model.gpt import GPT
+from src.training.presets import model_config
 from src.utils.atomic import write_json_atomic
 
 # (batch, seq) per device, dtype and preset. On a CPU without native bf16 instructions (no
@@ -66,7 +67,7 @@ def make_step(preset: str, impl: str, dtype: str, batch: int, seq: int, device: 
               compile_: bool):
     """A function running one forward+backward pass of ``impl`` and returning its seconds."""
     torch.manual_seed(0)
-    cfg = GPTConfig.from_preset(preset)
+    cfg = model_config(preset)
     if impl == "ours":
         model = GPT(cfg).to(device)
         step_model = torch.compile(model) if compile_ else model
@@ -149,7 +150,7 @@ def run_worker(args: argparse.Namespace, preset: str, impl: str, dtype: str, bat
 def flops_per_token_at(preset: str, seq: int) -> float:
     """GPT.flops_per_token's formula with the attention term at the benchmarked length."""
     with torch.device("meta"):
-        model = GPT(GPTConfig.from_preset(preset, context_length=seq))
+        model = GPT(model_config(preset, context_length=seq))
     return model.flops_per_token()
 
 

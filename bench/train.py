@@ -36,7 +36,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root
 import torch
 import torch.nn.functional as F
 
-from src.model.gpt import GPT, GPTConfig
+from src.model.gpt import GPT
+from src.training.presets import model_config
 from src.utils.atomic import write_json_atomic
 
 # Per preset: micro-batch and context used here (gpt-60m at a small batch to fit a CPU run).
@@ -48,7 +49,7 @@ def make_step(preset: str, impl: str):
     """A function doing one training step of ``impl`` on a fresh random batch, and its facts."""
     torch.manual_seed(0)
     batch, context = SHAPES[preset]
-    cfg = GPTConfig.from_preset(preset, vocab_size=16384, context_length=context)
+    cfg = model_config(preset, vocab_size=16384, context_length=context)
     use_bf16 = False
     if impl.startswith("hf"):
         from transformers import LlamaForCausalLM

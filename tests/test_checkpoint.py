@@ -108,10 +108,11 @@ def test_latest_pointer_and_stale_temp_dirs(tiny_run, tmp_path):
 
 
 def _trained_model_and_opt(optimizer: str):
-    from src.model.gpt import GPT, GPTConfig
+    from src.model.gpt import GPT
+    from src.training.presets import model_config
 
     torch.manual_seed(0)
-    model = GPT(GPTConfig.from_preset("tiny", vocab_size=300))
+    model = GPT(model_config("tiny", vocab_size=300))
     cfg = make_config({"preset": "tiny", "optimizer": optimizer})
     opts = build_optimizers(model, cfg)
     x = torch.randint(0, 300, (2, 16))
@@ -126,7 +127,8 @@ def _trained_model_and_opt(optimizer: str):
 
 @pytest.mark.parametrize("optimizer", ["adamw", "muon"])
 def test_save_load_round_trip_and_retention(tmp_path, optimizer):
-    from src.model.gpt import GPT, GPTConfig
+    from src.model.gpt import GPT
+    from src.training.presets import model_config
 
     model, opts, cfg = _trained_model_and_opt(optimizer)
     state = {"model_config": model.config.to_dict(), "tokenizer_hash": "x", "loader": {"sample_index": 5}}
@@ -140,7 +142,7 @@ def test_save_load_round_trip_and_retention(tmp_path, optimizer):
     assert names == ["best", "latest", "step_0000001", "step_0000003", "step_0000004"]
     expected = (random.random(), np.random.rand(), torch.rand(3))
 
-    fresh = GPT(GPTConfig.from_preset("tiny", vocab_size=300))
+    fresh = GPT(model_config("tiny", vocab_size=300))
     fresh_opts = build_optimizers(fresh, cfg)
     random.seed(99)
     loaded = ck.load_checkpoint(tmp_path / "checkpoints" / "step_0000004", fresh, fresh_opts)
@@ -163,11 +165,12 @@ def test_save_load_round_trip_and_retention(tmp_path, optimizer):
 
 
 def test_mismatched_model_is_a_user_error(tmp_path):
-    from src.model.gpt import GPT, GPTConfig
+    from src.model.gpt import GPT
+    from src.training.presets import model_config
 
     model, opts, cfg = _trained_model_and_opt("adamw")
     ck.save_checkpoint(tmp_path, 1, model, opts, {"model_config": model.config.to_dict()})
-    other = GPT(GPTConfig.from_preset("tiny", vocab_size=300, d_model=64))
+    other = GPT(model_config("tiny", vocab_size=300, d_model=64))
     with pytest.raises(UserError, match="does not match"):
         ck.load_checkpoint(tmp_path / "checkpoints" / "step_0000001", other, build_optimizers(other, cfg))
 

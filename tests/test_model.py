@@ -8,14 +8,15 @@ import math
 import pytest
 import torch
 
-from src.model.gpt import GPT, PRESETS, GPTConfig, KVCache
+from src.model.gpt import GPT, GPTConfig, KVCache
+from src.training.presets import PRESETS, model_config
 
 VOCAB = 97  # small and odd, so shape mix-ups show
 
 
 def tiny_model(seed: int = 0, **overrides) -> GPT:
     torch.manual_seed(seed)
-    return GPT(GPTConfig.from_preset("tiny", vocab_size=VOCAB, **overrides)).eval()
+    return GPT(model_config("tiny", vocab_size=VOCAB, **overrides)).eval()
 
 
 def random_ids(B: int, T: int, seed: int = 1) -> torch.Tensor:
@@ -27,7 +28,7 @@ def random_ids(B: int, T: int, seed: int = 1) -> torch.Tensor:
 
 
 def test_config_roundtrips_through_json():
-    cfg = GPTConfig.from_preset("gpt-60m", vocab_size=1000, dropout=0.1)
+    cfg = model_config("gpt-60m", vocab_size=1000, dropout=0.1)
     again = GPTConfig.from_dict(json.loads(json.dumps(cfg.to_dict())))
     assert again == cfg
     assert again.vocab_size == 1000 and again.dropout == 0.1 and again.n_kv_head == 4
@@ -57,14 +58,14 @@ def test_config_resolves_defaults():
 )
 def test_config_validation_names_the_field(overrides, message):
     with pytest.raises(ValueError, match=message):
-        GPTConfig.from_preset("tiny", **overrides)
+        model_config("tiny", **overrides)
 
 
 def test_config_rejects_unknown_fields_and_presets():
     with pytest.raises(ValueError, match="n_layers"):
         GPTConfig.from_dict({"n_layers": 3})
     with pytest.raises(ValueError, match="huge"):
-        GPTConfig.from_preset("huge")
+        model_config("huge")
 
 
 # --- presets and counts ------------------------------------------------------------------------
@@ -80,7 +81,7 @@ EXPECTED_PARAMS = {
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
 def test_preset_parameter_counts(name):
-    cfg = GPTConfig.from_preset(name)
+    cfg = model_config(name)
     assert cfg.vocab_size == 16384
     with torch.device("meta"):  # no memory, no init time
         model = GPT(cfg)
@@ -142,7 +143,7 @@ def test_ignored_targets_do_not_count():
 
 def test_fresh_model_loss_is_near_ln_vocab():
     torch.manual_seed(0)
-    model = GPT(GPTConfig.from_preset("tiny")).eval()  # the real 16384 vocabulary
+    model = GPT(model_config("tiny")).eval()  # the real 16384 vocabulary
     g = torch.Generator().manual_seed(0)
     idx = torch.randint(0, 16384, (4, 64), generator=g)
     targets = torch.randint(0, 16384, (4, 64), generator=g)
@@ -169,7 +170,7 @@ def test_rejects_sequences_longer_than_context():
 
 def test_tiny_model_overfits_one_batch():
     torch.manual_seed(0)
-    model = GPT(GPTConfig.from_preset("tiny", vocab_size=VOCAB, d_model=64, d_ff=192))
+    model = GPT(model_config("tiny", vocab_size=VOCAB, d_model=64, d_ff=192))
     idx, targets = random_ids(4, 32, seed=5), random_ids(4, 32, seed=6)
     optim = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
     for _ in range(150):

@@ -8,13 +8,14 @@ import torch
 
 pytest.importorskip("transformers")
 
-from src.model.gpt import GPT, GPTConfig  # noqa: E402
+from src.model.gpt import GPT  # noqa: E402
 from src.model.hf_llama import from_hf, to_hf, to_hf_config  # noqa: E402
+from src.training.presets import model_config  # noqa: E402
 
 
 def make_model(tie: bool, n_kv_head: int) -> GPT:
     torch.manual_seed(0)
-    cfg = GPTConfig.from_preset("tiny", vocab_size=301, n_kv_head=n_kv_head, tie_embeddings=tie,
+    cfg = model_config("tiny", vocab_size=301, n_kv_head=n_kv_head, tie_embeddings=tie,
                                 rope_base=500.0, norm_eps=1e-6)
     model = GPT(cfg).eval()
     with torch.no_grad():  # make every weight matter: non-trivial norm gains
@@ -54,7 +55,7 @@ def test_round_trip_through_llama(tie):
 
 
 def test_llama_config_matches_shape():
-    cfg = GPTConfig.from_preset("gpt-60m")
+    cfg = model_config("gpt-60m")
     hf_cfg = to_hf_config(cfg)
     assert (hf_cfg.hidden_size, hf_cfg.num_hidden_layers, hf_cfg.num_attention_heads,
             hf_cfg.num_key_value_heads, hf_cfg.intermediate_size, hf_cfg.max_position_embeddings

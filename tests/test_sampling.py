@@ -318,10 +318,11 @@ def test_context_stop_reason(tok):
 
 @pytest.fixture(scope="module")
 def gpt():
-    from src.model.gpt import GPT, GPTConfig
+    from src.model.gpt import GPT
+    from src.training.presets import model_config
 
     torch.manual_seed(0)
-    model = GPT(GPTConfig.from_preset("tiny", vocab_size=280, context_length=48))
+    model = GPT(model_config("tiny", vocab_size=280, context_length=48))
     with torch.no_grad():  # larger weights: peaked distributions, no near-ties between tokens
         for p in model.parameters():
             if p.dim() > 1:

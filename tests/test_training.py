@@ -254,7 +254,7 @@ def test_presets_and_overrides(tmp_path):
         cfg = make_config({"preset": name})
         assert cfg.preset == name
     cfg, explicit = resolve_config(["--preset", "tiny", "--lr", "1e-3", "--no-plot", "--max-steps", "7"])
-    assert cfg.lr == 1e-3 and cfg.plot is False and cfg.max_steps == 7 and cfg.batch_size == PRESETS["tiny"]["batch_size"]
+    assert cfg.lr == 1e-3 and cfg.plot is False and cfg.max_steps == 7 and cfg.batch_size == PRESETS["tiny"].train["batch_size"]
     assert explicit["lr"] == 1e-3
     # An explicit --max-steps turns the small preset's time budget off; without it, it stays.
     assert resolve_config(["--max-steps", "10"])[0].time_budget is None
@@ -332,9 +332,10 @@ def test_schedules():
 
 
 def test_weight_decay_on_matrices_only():
-    from src.model.gpt import GPT, GPTConfig
+    from src.model.gpt import GPT
+    from src.training.presets import model_config
 
-    model = GPT(GPTConfig.from_preset("tiny", vocab_size=300))
+    model = GPT(model_config("tiny", vocab_size=300))
     cfg = make_config({"preset": "tiny", "weight_decay": 0.1})
     (adamw,) = build_optimizers(model, cfg)
     decayed = {id(p) for g in adamw.param_groups if g["weight_decay"] > 0 for p in g["params"]}

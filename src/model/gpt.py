@@ -1,7 +1,7 @@
 """A GPT language model in one file: a decoder-only Transformer in the Llama style.
 
 Read top to bottom:
-  1. GPTConfig  - every hyperparameter, validated, plus the named presets.
+  1. GPTConfig  - every hyperparameter, validated (named presets: src/training/presets.py).
   2. RoPE       - rotary position embeddings (precomputed cos/sin tables).
   3. KVCache    - preallocated keys/values, so generating a token does not recompute the past.
   4. Attention, MLP, Block - the Transformer layer: pre-norm RMSNorm, causal grouped-query
@@ -97,28 +97,6 @@ class GPTConfig:
         if unknown:
             raise ValueError(f"GPTConfig: unknown field(s) {unknown}; known: {sorted(known)}")
         return cls(**d)
-
-    @classmethod
-    def from_preset(cls, name: str, **overrides) -> GPTConfig:
-        """A named preset (see PRESETS), with any field overridden, e.g. vocab_size=512."""
-        if name not in PRESETS:
-            raise ValueError(f"unknown model preset {name!r}; choose one of {sorted(PRESETS)}")
-        return cls.from_dict({**PRESETS[name], **overrides})
-
-
-# The one place where model sizes live. Parameter counts are for vocab_size=16384 (tested).
-PRESETS: dict[str, dict] = {
-    # For tests: ~0.84M parameters (most of it the embedding). Uses GQA so tests cover it.
-    "tiny": dict(context_length=64, n_layer=2, n_head=4, n_kv_head=2, d_model=48, d_ff=128),
-    # The CPU quickstart: ~4.9M parameters (3.1M of them the embedding). Tuned for 15 minutes
-    # on 2 CPU cores: at that budget a narrower, shallower model sees more tokens and wins
-    # (4-minute probes, validation loss: 4x128 6.72, 4x192 6.64, 6x256 6.97).
-    "small": dict(context_length=256, n_layer=4, n_head=3, d_model=192),
-    # The original project's scale (8 layers x 768) with a 4x longer context: ~62.9M.
-    "gpt-60m": dict(context_length=1024, n_layer=8, n_head=12, n_kv_head=4, d_model=768),
-    # GPT-2 small's shape (12 x 768, 12 heads), for GPUs: ~97.5M with our 16k vocabulary.
-    "gpt-125m": dict(context_length=1024, n_layer=12, n_head=12, d_model=768),
-}
 
 
 # ----------------------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from src.training.presets import PRESETS
 from src.utils.cli import UserError
 
 # How long `python train.py` (no arguments: the `small` preset) trains, in minutes. The number
@@ -36,7 +37,7 @@ class TrainConfig:
     """Every setting of a training run. Defaults here are the `small` preset's."""
 
     # --- what to train, on what, where -------------------------------------------------
-    preset: str = "small"  # model preset + training hyper-parameters (see PRESETS)
+    preset: str = "small"  # model shape + training hyper-parameters (src/training/presets.py)
     data: str = "data"  # folder written by src/data/prepare_data.py
     run_dir: str | None = None  # default: runs/<preset>-<timestamp>
     seed: int = 1337
@@ -90,34 +91,10 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     def model_overrides(self) -> dict[str, Any]:
-        """The model-shape fields set in this config, as GPTConfig.from_preset overrides."""
+        """The model-shape fields set in this config, as overrides of the preset's model_config."""
         keys = ("context_length", "n_layer", "n_head", "n_kv_head", "d_model", "d_ff", "dropout")
         return {k: getattr(self, k) for k in keys if getattr(self, k) is not None}
 
-
-# Training hyper-parameters per preset; any field not given keeps the dataclass default.
-# The model preset of the same name (src/model/gpt.py) gives the architecture.
-PRESETS: dict[str, dict[str, Any]] = {
-    # Tests and smoke runs: seconds on a CPU.
-    "tiny": dict(
-        max_steps=200, time_budget=None, batch_size=8, tokens_per_step=8 * 64, lr=3e-3,
-        warmup_steps=10, eval_interval=50, eval_tokens=4096, context_length=64,
-        compile=False,  # compiling costs more time than such short runs take
-    ),
-    # The CPU quickstart: planned to fit QUICKSTART_MINUTES on 2 cores (see time_budget). Few
-    # tokens per step: in 15 CPU minutes (~2M tokens) more, smaller steps learn faster.
-    "small": dict(),
-    # The original project's scale; a GPU (or a lot of patience).
-    "gpt-60m": dict(
-        max_steps=20_000, time_budget=None, batch_size=16, tokens_per_step=262_144, lr=1e-3,
-        warmup_steps=500, eval_interval=500, eval_tokens=262_144,
-    ),
-    # GPT-2 small scale, for GPUs.
-    "gpt-125m": dict(
-        max_steps=50_000, time_budget=None, batch_size=16, tokens_per_step=524_288, lr=6e-4,
-        warmup_steps=1000, eval_interval=1000, eval_tokens=524_288,
-    ),
-}
 
 CHOICES: dict[str, tuple[str, ...]] = {
     "preset": tuple(PRESETS),
@@ -263,7 +240,7 @@ def make_config(overrides: dict[str, Any], base: dict[str, Any] | None = None) -
     preset = overrides.get("preset", (base or {}).get("preset", TrainConfig.preset))
     if preset not in PRESETS:
         raise UserError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
-    values = dict(base) if base is not None else dict(PRESETS[preset], preset=preset)
+    values = dict(base) if base is not None else dict(PRESETS[preset].train, preset=preset)
     values.update(overrides)
     unknown = set(values) - {f.name for f in fields(TrainConfig)}
     if unknown:

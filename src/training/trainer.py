@@ -34,7 +34,7 @@ from src import checkpoint as reader
 from src.data.bpe import BPETokenizer
 from src.eval.perplexity import sliding_window_nll, text_bytes
 from src.infer.sampling import DEFAULT_TEMPERATURE, SamplingSettings, generate
-from src.model.gpt import GPT, GPTConfig
+from src.model.gpt import GPT
 from src.training import checkpoint as ckpt_io
 from src.training.config import TrainConfig, make_config
 from src.training.distributed import (
@@ -57,6 +57,7 @@ from src.training.observe import (
     progress_bar,
 )
 from src.training.optim import build_optimizers, lr_at, set_lr
+from src.training.presets import model_config
 from src.utils.atomic import write_json_atomic
 from src.utils.cli import UserError
 from src.utils.device import cpu_has_fast_bf16, make_generator, pick_device, pick_dtype
@@ -216,8 +217,8 @@ def _train(cfg: TrainConfig, device: torch.device, dist_info: DistInfo, loss_hoo
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)  # also seeds CUDA
     try:
-        model_cfg = GPTConfig.from_preset(cfg.preset, vocab_size=meta.get("vocab_size", tokenizer.vocab_size),
-                                          **cfg.model_overrides())
+        model_cfg = model_config(cfg.preset, vocab_size=meta.get("vocab_size", tokenizer.vocab_size),
+                                 **cfg.model_overrides())
     except ValueError as exc:
         raise UserError(f"invalid model shape: {exc}") from None
     raw_model = GPT(model_cfg).to(device)

@@ -1,0 +1,67 @@
+"""The named presets, in one table: a model shape and the training hyper-parameters that go
+with it. ``train.py --preset NAME`` starts from a row; tests and benchmarks build a model of a
+preset's shape with :func:`model_config`.
+
+The table sits in the training room, above the model: src/model knows nothing of presets.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from src.model.gpt import GPTConfig
+
+
+@dataclass(frozen=True)
+class Preset:
+    """``model``: GPTConfig fields (the vocabulary size comes from the data); ``train``:
+    TrainConfig fields. Any field not given keeps its dataclass default."""
+
+    model: dict[str, Any]
+    train: dict[str, Any] = field(default_factory=dict)
+
+
+# Parameter counts are for vocab_size=16384 (tested in tests/test_model.py).
+PRESETS: dict[str, Preset] = {
+    # Tests and smoke runs: seconds on a CPU. ~0.84M parameters (most of it the embedding);
+    # uses GQA so tests cover it.
+    "tiny": Preset(
+        model=dict(context_length=64, n_layer=2, n_head=4, n_kv_head=2, d_model=48, d_ff=128),
+        train=dict(
+            max_steps=200, time_budget=None, batch_size=8, tokens_per_step=8 * 64, lr=3e-3,
+            warmup_steps=10, eval_interval=50, eval_tokens=4096, context_length=64,
+            compile=False,  # compiling costs more time than such short runs take
+        ),
+    ),
+    # The CPU quickstart: ~4.9M parameters (3.1M of them the embedding), planned to fit
+    # QUICKSTART_MINUTES on 2 cores (see TrainConfig.time_budget). At that budget a narrower,
+    # shallower model sees more tokens and wins, and few tokens per step (more, smaller
+    # steps) learn faster; the README has the measurements.
+    "small": Preset(model=dict(context_length=256, n_layer=4, n_head=3, d_model=192)),
+    # The original project's scale (8 layers x 768) with a 4x longer context: ~62.9M.
+    # A GPU (or a lot of patience).
+    "gpt-60m": Preset(
+        model=dict(context_length=1024, n_layer=8, n_head=12, n_kv_head=4, d_model=768),
+        train=dict(
+            max_steps=20_000, time_budget=None, batch_size=16, tokens_per_step=262_144, lr=1e-3,
+            warmup_steps=500, eval_interval=500, eval_tokens=262_144,
+        ),
+    ),
+    # GPT-2 small's shape (12 x 768, 12 heads), for GPUs: ~97.5M with our 16k vocabulary.
+    "gpt-125m": Preset(
+        model=dict(context_length=1024, n_layer=12, n_head=12, d_model=768),
+        train=dict(
+            max_steps=50_000, time_budget=None, batch_size=16, tokens_per_step=524_288, lr=6e-4,
+            warmup_steps=1000, eval_interval=1000, eval_tokens=524_288,
+        ),
+    ),
+}
+
+
+def model_config(name: str, **overrides: Any) -> GPTConfig:
+    """The model config of preset ``name`` with any field overridden (e.g. vocab_size=512).
+    ValueError for an unknown preset or an invalid field, naming it."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown model preset {name!r}; choose one of {sorted(PRESETS)}")
+    return GPTConfig.from_dict({**PRESETS[name].model, **overrides})
