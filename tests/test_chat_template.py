@@ -9,6 +9,7 @@ from src.data.chat_template import (
     alternate_turns,
     encode_chat,
     render_chat,
+    reply_stop_ids,
 )
 from src.data.special_tokens import ASSISTANT, ENDOFTEXT, USER
 
@@ -56,3 +57,10 @@ def test_unknown_role_and_stop_tokens():
     with pytest.raises(ValueError):
         Turn("system", "x")
     assert set(ASSISTANT_STOP_TOKENS) == {USER, ENDOFTEXT}
+
+
+def test_reply_stop_rule_is_every_special_token():
+    specials = {**CharTokenizer.special_tokens, "<|reserved_0|>": 1003}
+    stops = reply_stop_ids(specials)
+    assert stops == [1000, 1001, 1002, 1003]
+    assert {specials[name] for name in ASSISTANT_STOP_TOKENS} <= set(stops)

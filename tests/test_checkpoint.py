@@ -183,3 +183,25 @@ def test_no_pickle_in_checkpoint(tiny_run):
             assert head != b"\x80\x04" and head != b"PK", path  # pickle / torch zip
             if path.suffix == ".json":
                 json.loads(path.read_text())
+
+
+def test_weights_only_checkpoint_loads_without_training(tiny_run, tmp_path):
+    """What an export stage writes (src.checkpoint.save_model_checkpoint, no optimiser or RNG)
+    loads with load_model, tied weights and all, and becomes the run's latest."""
+    import shutil
+
+    model, tok, info = reader.load_model(tiny_run)
+    run = tmp_path / "exported"
+    run.mkdir()
+    shutil.copy(tiny_run / "tokenizer.json", run / "tokenizer.json")
+    state = {"model_config": info["model_config"], "tokenizer_hash": tok.hash}
+    ckpt = reader.save_model_checkpoint(run, 9, model.state_dict(), state)
+    assert ckpt == run / "checkpoints" / "step_0000009"
+    assert sorted(p.name for p in ckpt.iterdir()) == ["model.safetensors", "state.json"]
+    assert reader.latest_checkpoint(run) == ckpt and reader.best_checkpoint(run) is None
+    assert not list((run / "checkpoints").glob(".tmp-*"))
+    loaded, _, loaded_info = reader.load_model(run)
+    assert loaded_info["step"] == 9 and loaded_info["checkpoint"] == ckpt
+    assert loaded.lm_head.weight is loaded.tok_emb.weight
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], tensor), name

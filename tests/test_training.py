@@ -19,7 +19,6 @@ from safetensors.torch import load_file
 from src import checkpoint as reader
 from src.training import checkpoint as ck
 from src.training.config import (
-    PRESETS,
     TrainConfig,
     build_parser,
     load_config_file,
@@ -27,6 +26,7 @@ from src.training.config import (
     resolve_config,
 )
 from src.training.optim import build_optimizers, lr_at
+from src.training.presets import PRESETS
 from src.training.trainer import BUDGET_RESERVE, NonFiniteLoss, plan_steps, train
 from src.utils.cli import UserError
 from tests.fixtures import make_token_data, tiny_config

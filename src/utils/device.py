@@ -30,7 +30,7 @@ def pick_device(name: str) -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise UserError(f"--device {name!r}: not a device (use auto, cpu, cuda, cuda:N or mps)") from None
+        raise UserError(f"--device {name}: not a device (use auto, cpu, cuda, cuda:N or mps)") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"--device {name}: CUDA is not available on this machine (use --device cpu)")
     if device.type == "mps" and not _mps_available():
