@@ -3,14 +3,14 @@ test exercises only the template's own logic."""
 
 import pytest
 
-from src.data.chat_template import (
+from src.tokenizer.chat_template import (
     ASSISTANT_STOP_TOKENS,
     Turn,
     alternate_turns,
     encode_chat,
     render_chat,
 )
-from src.data.special_tokens import ASSISTANT, ENDOFTEXT, USER
+from src.tokenizer.special_tokens import ASSISTANT, ENDOFTEXT, USER
 
 
 class CharTokenizer:

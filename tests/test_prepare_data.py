@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 
 from src.data import prepare_data, sources
-from src.data.bpe import BPETokenizer
-from src.data.chat_template import alternate_turns, render_chat
 from src.data.detokenize import detokenize_dailydialog, detokenize_wikitext
-from src.data.special_tokens import ENDOFTEXT
+from src.tokenizer.bpe import BPETokenizer
+from src.tokenizer.chat_template import alternate_turns, render_chat
+from src.tokenizer.special_tokens import ENDOFTEXT
 from src.utils.cli import UserError
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -19,7 +19,7 @@ Documents (see sources.py for the readers):
   * WikiText: one document per article (split at its top-level " = Title = " headings),
     then <|endoftext|>.
   * DailyDialog: one document per dialogue, its utterances as alternating user/assistant
-    turns in the project's chat template (src/data/chat_template.py), then <|endoftext|>.
+    turns in the project's chat template (src/tokenizer/chat_template.py), then <|endoftext|>.
   * --text: a .jsonl line's "text" field, or a whole plain-text file, then <|endoftext|>.
     Every ``--text-val-every``-th piece (a JSONL record or ~64 KiB of a text file) is
     held out for val.bin, since the user's text has no validation split of its own.
@@ -58,10 +58,10 @@ import numpy as np
 from tqdm import tqdm
 
 from src.data import sources
-from src.data.bpe import BPETokenizer
-from src.data.chat_template import alternate_turns, encode_chat
 from src.data.detokenize import detokenize_dailydialog, detokenize_wikitext
-from src.data.special_tokens import NUM_RESERVED_SPECIAL
+from src.tokenizer.bpe import BPETokenizer
+from src.tokenizer.chat_template import alternate_turns, encode_chat
+from src.tokenizer.special_tokens import NUM_RESERVED_SPECIAL
 from src.utils.atomic import atomic_path, write_json_atomic, write_text_atomic
 from src.utils.cli import UserError, run_cli
 

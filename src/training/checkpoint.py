@@ -43,8 +43,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
-from src.data.bpe import BPETokenizer
 from src.model.gpt import GPT, GPTConfig
+from src.tokenizer.bpe import BPETokenizer
 from src.utils.atomic import atomic_path, fsync_dir, write_json_atomic, write_text_atomic
 from src.utils.cli import UserError
 
