@@ -107,8 +107,8 @@ def peer_job(data_dir: str, vocab_size: int) -> None:
     """The peer case, run in a child process: HF tokenizers trains and encodes everything."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    from src.data.prepare_data import unit_texts
-    from src.data.special_tokens import SPECIAL_TOKENS
+    from src.data.corpus import unit_texts
+    from src.tokenizer.special_tokens import SPECIAL_TOKENS
 
     def texts(split: str) -> list[str]:
         wiki = sources.find_wikitext_file(data_dir, split)

@@ -33,10 +33,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from src.data.bpe import BPETokenizer
-from src.data.bpe_interop import to_hf, to_tiktoken
-from src.data.bpe_train import SPLIT_PATTERN, iter_blocks
-from src.data.special_tokens import NUM_RESERVED_SPECIAL, SPECIAL_TOKENS
+from src.tokenizer.bpe import BPETokenizer
+from src.tokenizer.bpe_train import SPLIT_PATTERN, iter_blocks
+from src.tokenizer.formats import to_hf, to_tiktoken
+from src.tokenizer.special_tokens import NUM_RESERVED_SPECIAL, SPECIAL_TOKENS
 from src.utils.atomic import write_json_atomic
 from src.utils.cli import UserError, run_cli
 

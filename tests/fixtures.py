@@ -51,7 +51,7 @@ def make_token_data(
     training documents; each document is encoded and followed by <|endoftext|>.
     Returns ``out_dir``.
     """
-    from src.data.bpe import BPETokenizer
+    from src.tokenizer.bpe import BPETokenizer
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

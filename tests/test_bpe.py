@@ -10,9 +10,9 @@ import regex
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from src.data.bpe import BPETokenizer, StreamingDecoder, TokenizerFileError
-from src.data.bpe_train import SPLIT_PATTERN, count_chunks, iter_blocks
-from src.data.special_tokens import NUM_RESERVED_SPECIAL, SPECIAL_TOKENS
+from src.tokenizer.bpe import BPETokenizer, StreamingDecoder, TokenizerFileError
+from src.tokenizer.bpe_train import SPLIT_PATTERN, count_chunks, iter_blocks
+from src.tokenizer.special_tokens import NUM_RESERVED_SPECIAL, SPECIAL_TOKENS
 from src.utils.cli import UserError
 
 CORPUS = [
@@ -249,7 +249,7 @@ def test_encode_batch_returns_arrays(tok):
 
 
 def test_encode_batch_cuts_long_texts(tok, monkeypatch):
-    from src.data import bpe_batch
+    from src.tokenizer import bpe_batch
 
     monkeypatch.setattr(bpe_batch, "PARALLEL_MIN_CHARS", 1000)
     monkeypatch.setattr(bpe_batch, "GROUP_CHARS", 500)
@@ -262,7 +262,7 @@ def test_encode_batch_cuts_long_texts(tok, monkeypatch):
 
 def test_encode_batch_in_worker_processes(py_tok, monkeypatch):
     long_text = "".join(f"line {i}: {CORPUS[i % 4]}\n" for i in range(60))
-    from src.data import bpe_batch
+    from src.tokenizer import bpe_batch
 
     # Shrink the thresholds so a small batch is cut into pieces and sent to 2 processes.
     monkeypatch.setattr(bpe_batch, "PARALLEL_MIN_CHARS", 1000)
@@ -366,14 +366,14 @@ def test_vocabulary_tiktoken_cannot_represent_falls_back():
         with pytest.warns(UserWarning, match="fast path disabled"):
             assert t.backend == "python"
     assert t.encode("abc abc") == [257, 32, 257] and t.decode([259]) == "abc"
-    from src.data.bpe_interop import hf_tokenizer_json
+    from src.tokenizer.formats import hf_tokenizer_json
 
     with pytest.raises(ValueError, match="same bytes"):
         hf_tokenizer_json(t)
 
 
 def _batch_in_pool_worker(merges):
-    from src.data import bpe_batch
+    from src.tokenizer import bpe_batch
 
     bpe_batch.PARALLEL_MIN_CHARS = 10  # would start processes, were it not a daemon
     tok = BPETokenizer(merges)

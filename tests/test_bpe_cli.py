@@ -1,4 +1,4 @@
-"""The tokenizer's command line: python src/data/bpe.py train|encode|decode|stats|export."""
+"""The tokenizer's command line: python src/tokenizer/cli.py train|encode|decode|stats|export."""
 
 import json
 import subprocess
@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from src.data.bpe import BPETokenizer, main
+from src.tokenizer.bpe import BPETokenizer
+from src.tokenizer.cli import main
 from src.utils.cli import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -17,7 +18,7 @@ TEXT = "".join(f"{WORDS[i % 19]} {WORDS[i * 7 % 19]}{i % 13}, {WORDS[i * 3 % 19]
 
 def cli(*args, stdin=None, binary=False):
     return subprocess.run(
-        [sys.executable, str(ROOT / "src" / "data" / "bpe.py"), *map(str, args)],
+        [sys.executable, str(ROOT / "src" / "tokenizer" / "cli.py"), *map(str, args)],
         input=stdin.encode() if binary and stdin is not None else stdin,
         capture_output=True, timeout=120, **({} if binary else {"text": True, "encoding": "utf-8"}),
     )
@@ -126,3 +127,13 @@ def test_bad_input_is_one_line_exit_2(trained, tmp_path, args, stdin, message):
 def test_user_error_in_process(tmp_path):
     with pytest.raises(UserError, match="not found"):
         main(["stats", "--tokenizer", str(tmp_path / "none.json"), "--input", "x"])
+
+
+@pytest.mark.parametrize("fmt", ["hf", "tiktoken"])
+def test_export_refuses_a_vocabulary_the_format_cannot_hold(tmp_path, fmt):
+    # Hand-made merges where two pairs make "abc" (training never produces this).
+    path = tmp_path / "dup.json"
+    BPETokenizer([(97, 98), (256, 99), (98, 99), (97, 258)]).save(path)
+    with pytest.raises(UserError, match="same bytes"):
+        main(["export", "--tokenizer", str(path), "--format", fmt, "--output", str(tmp_path / "out")])
+    assert list(tmp_path.iterdir()) == [path]  # nothing written

@@ -10,8 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from src.data.bpe import BPETokenizer
-from src.data.bpe_interop import (
+from src.tokenizer.bpe import BPETokenizer
+from src.tokenizer.formats import (
     hf_tokenizer_json,
     load_tiktoken,
     save_hf,

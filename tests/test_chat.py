@@ -10,8 +10,6 @@ from pathlib import Path
 
 import pytest
 
-from src.data.chat_template import Turn
-from src.data.special_tokens import ASSISTANT, ENDOFTEXT, USER
 from src.infer.chat_session import (
     ChatSession,
     CommandError,
@@ -20,6 +18,8 @@ from src.infer.chat_session import (
     parse_command,
 )
 from src.infer.sampling import SamplingSettings
+from src.tokenizer.chat_template import Turn
+from src.tokenizer.special_tokens import ASSISTANT, ENDOFTEXT, USER
 from src.utils.cli import UserError
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see tests/conftest.py
@@ -131,7 +131,7 @@ def test_other_commands_and_plain_messages():
 
 @pytest.fixture(scope="module")
 def tok():
-    from src.data.bpe import BPETokenizer
+    from src.tokenizer.bpe import BPETokenizer
 
     return BPETokenizer.train(["hello world, how are you? fine thanks. " * 5], vocab_size=280)
 

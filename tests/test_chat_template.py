@@ -3,7 +3,7 @@ test exercises only the template's own logic."""
 
 import pytest
 
-from src.data.chat_template import (
+from src.tokenizer.chat_template import (
     ASSISTANT_STOP_TOKENS,
     Turn,
     alternate_turns,
@@ -11,7 +11,7 @@ from src.data.chat_template import (
     render_chat,
     reply_stop_ids,
 )
-from src.data.special_tokens import ASSISTANT, ENDOFTEXT, USER
+from src.tokenizer.special_tokens import ASSISTANT, ENDOFTEXT, USER
 
 
 class CharTokenizer:

@@ -24,8 +24,8 @@ def tiny_run(tmp_path_factory):
 
 
 def test_load_model_from_run_dir(tiny_run):
-    from src.data.bpe import BPETokenizer
     from src.model.gpt import GPT
+    from src.tokenizer.bpe import BPETokenizer
 
     model, tok, info = reader.load_model(tiny_run)
     assert isinstance(model, GPT) and isinstance(tok, BPETokenizer)
@@ -85,7 +85,7 @@ def test_load_model_errors(tiny_run, tmp_path, monkeypatch):
     # A tokenizer that is not the checkpoint's is refused.
     other = tmp_path / "other"
     shutil.copytree(tiny_run, other)
-    from src.data.bpe import BPETokenizer
+    from src.tokenizer.bpe import BPETokenizer
 
     tok = BPETokenizer.load(other / "tokenizer.json")
     BPETokenizer(tok.merges[:-1]).save(other / "tokenizer.json")

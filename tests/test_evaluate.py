@@ -16,11 +16,11 @@ import torch
 
 from evaluate import main as evaluate_main
 from src.data import sources
-from src.data.chat_template import alternate_turns, encode_chat
 from src.data.detokenize import detokenize_dailydialog, detokenize_wikitext
 from src.eval.dialog import evaluate_dailydialog
 from src.eval.perplexity import sliding_window_nll
 from src.eval.wikitext import WordCount, count_words, evaluate_wikitext, release_word_count
+from src.tokenizer.chat_template import alternate_turns, encode_chat
 from src.utils.cli import EXIT_USER_ERROR, run_cli
 from tests.fixtures import make_tiny_run, tiny_corpus
 
@@ -73,7 +73,7 @@ def tiny_run(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def tok():
-    from src.data.bpe import BPETokenizer
+    from src.tokenizer.bpe import BPETokenizer
 
     return BPETokenizer.train(tiny_corpus(100, seed=0), 300)
 
@@ -178,10 +178,10 @@ def test_dailydialog_scores_all_turns_and_assistant_turns(tok):
 def test_evaluated_streams_are_exactly_what_prepare_data_writes(tmp_path, keep_tokenized):
     """Evaluation scores the text as training saw it: the streams (after their leading
     <|endoftext|>) are val.bin's WikiText and DailyDialog documents, token for token."""
-    from src.data.bpe import BPETokenizer
     from src.data.prepare_data import main as prepare_main
     from src.eval.dialog import dialog_stream
     from src.eval.wikitext import wikitext_stream
+    from src.tokenizer.bpe import BPETokenizer
 
     data = make_release_dir(tmp_path / "release")
     shutil.copy(data / "wikitext-2" / "wiki.valid.tokens", data / "wikitext-2" / "wiki.train.tokens")

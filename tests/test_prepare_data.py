@@ -9,11 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from src.data import prepare_data, sources
-from src.data.bpe import BPETokenizer
-from src.data.chat_template import alternate_turns, render_chat
+from src.data import prepare_data, sources, token_files
 from src.data.detokenize import detokenize_dailydialog, detokenize_wikitext
-from src.data.special_tokens import ENDOFTEXT
+from src.tokenizer.bpe import BPETokenizer
+from src.tokenizer.chat_template import alternate_turns, render_chat
+from src.tokenizer.special_tokens import ENDOFTEXT
 from src.utils.cli import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -157,9 +157,9 @@ def test_mixing_weights_repeat_documents(release, tmp_path):
 
 
 def test_fractional_documents_are_evenly_spread():
-    assert prepare_data.fractional_documents(10, 0.3).tolist() == [3, 6, 9]
-    assert prepare_data.fractional_documents(4, 0.5).tolist() == [1, 3]
-    assert len(prepare_data.fractional_documents(1000, 0.25)) == 250
+    assert token_files.fractional_documents(10, 0.3).tolist() == [3, 6, 9]
+    assert token_files.fractional_documents(4, 0.5).tolist() == [1, 3]
+    assert len(token_files.fractional_documents(1000, 0.25)) == 250
 
 
 def test_weight_zero_drops_a_source(release, tmp_path):
@@ -230,7 +230,7 @@ def test_given_tokenizer_is_reused(release, tmp_path):
 
 
 def test_worker_processes_give_identical_files(release, tmp_path, monkeypatch):
-    monkeypatch.setattr(prepare_data, "BATCH_UNITS", 1)  # many small tasks, out of order if unbounded
+    monkeypatch.setattr(token_files, "BATCH_UNITS", 1)  # many small tasks, out of order if unbounded
     run(release, tmp_path / "one")
     prepare_data.main(["--data-dir", str(release), "--out", str(tmp_path / "two"), "--vocab-size", "400", "--workers", "2"])
     for name in ("tokenizer.json", "train.bin", "val.bin"):
@@ -275,7 +275,7 @@ def test_failed_run_leaves_no_trusted_output(release, tmp_path, monkeypatch, cap
     def broken(self, part, folder):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(prepare_data.Encoder, "encode", broken)
+    monkeypatch.setattr(token_files.Encoder, "encode", broken)
     with pytest.raises(RuntimeError):
         run(release, out, "--mix", "wikitext=3")
     assert not (out / "meta.json").exists()  # the old one no longer vouches for anything

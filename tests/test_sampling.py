@@ -248,7 +248,7 @@ class ScriptModel(torch.nn.Module):
 
 @pytest.fixture(scope="module")
 def tok():
-    from src.data.bpe import BPETokenizer
+    from src.tokenizer.bpe import BPETokenizer
 
     return BPETokenizer.train(["hello world, how are you? fine thanks. " * 5], vocab_size=280)
 

@@ -10,8 +10,8 @@ import torch
 
 from src.checkpoint.layout import read_state, resolve_checkpoint, run_dir_of
 from src.checkpoint.weights import WEIGHTS_FILE, read_weights
-from src.data.bpe import BPETokenizer
 from src.model.gpt import GPT, GPTConfig
+from src.tokenizer.bpe import BPETokenizer
 from src.utils.cli import UserError
 
 

@@ -19,7 +19,7 @@ Documents (see sources.py for the readers):
   * WikiText: one document per article (split at its top-level " = Title = " headings),
     then <|endoftext|>.
   * DailyDialog: one document per dialogue, its utterances as alternating user/assistant
-    turns in the project's chat template (src/data/chat_template.py), then <|endoftext|>.
+    turns in the project's chat template (src/tokenizer/chat_template.py), then <|endoftext|>.
   * --text: a .jsonl line's "text" field, or a whole plain-text file, then <|endoftext|>.
     Every ``--text-val-every``-th piece (a JSONL record or ~64 KiB of a text file) is
     held out for val.bin, since the user's text has no validation split of its own.
@@ -32,6 +32,10 @@ first, so a half-finished run is never trusted. A re-run with the same inputs (s
 and settings finds its fingerprint in meta.json and does nothing (``--force`` redoes it).
 Encoding streams documents through worker processes in bounded batches, so memory does
 not grow with the corpus.
+
+The pieces: corpus.py finds and checks the inputs (parts and their documents),
+token_files.py encodes them and writes the mixed split files, and this file holds the
+settings, the tokenizer (trained or reused), meta.json and the command line.
 """
 
 from __future__ import annotations
@@ -40,40 +44,28 @@ import argparse
 import hashlib
 import json
 import math
-import multiprocessing
 import os
-import shutil
 import sys
 import tempfile
 import time
-from collections import deque
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import numpy as np
-from tqdm import tqdm
 
 from src.data import sources
-from src.data.bpe import BPETokenizer
-from src.data.chat_template import alternate_turns, encode_chat
-from src.data.detokenize import detokenize_dailydialog, detokenize_wikitext
-from src.data.special_tokens import NUM_RESERVED_SPECIAL
-from src.utils.atomic import atomic_path, write_json_atomic, write_text_atomic
+from src.data.corpus import Part, resolve_parts, unit_texts
+from src.data.token_files import Encoder, write_split
+from src.tokenizer.bpe import BPETokenizer
+from src.tokenizer.special_tokens import NUM_RESERVED_SPECIAL
+from src.utils.atomic import write_json_atomic, write_text_atomic
 from src.utils.cli import UserError, run_cli
 
 FORMAT_VERSION = 1
 KNOWN_SOURCES = ("wikitext", "dailydialog", "text")
 SPLIT_NAMES = {"train": "train", "validation": "val", "test": "test"}  # reader name -> file stem
-BATCH_UNITS = 256  # documents per worker task ...
-BATCH_CHARS = 1 << 18  # ... or this many characters, whichever comes first
-
-# A unit of work: (kind, payload, ends_document). kind "wiki": release text of an article;
-# "dialog": a dialogue's utterances (release text); "text": the user's text, as is.
-Unit = tuple[str, Any, bool]
 
 
 # ---------------------------------------------------------------------------------------
@@ -111,298 +103,6 @@ def parse_splits(spec: str) -> list[str]:
     if "test" in splits and len(splits) > 1:
         raise UserError("--splits: prepare test on its own (--splits test), so it never mixes with training")
     return list(dict.fromkeys(splits))
-
-
-# ---------------------------------------------------------------------------------------
-# Parts: one source's split, with its checked inputs and a re-iterable stream of units
-
-
-@dataclass
-class Part:
-    source: str
-    split: str
-    inputs: list[dict]  # recorded in meta.json: path or hub id, sha256 / fingerprint, bytes
-    make_units: Callable[[], Iterator[Unit]]
-    variant: str | None = None  # WikiText: "raw" or "tokens"
-    num_units: int = 0
-    input_bytes: int = 0
-
-
-def _file_record(info: sources.InputFile) -> dict:
-    return {"path": str(info.path), "sha256": info.sha256, "bytes": info.bytes}
-
-
-def _local_wikitext(data_dir: Path, split: str, variant: str) -> Part:
-    path = sources.find_wikitext_file(data_dir, split, variant)
-    info = sources.check_text_file(path)
-
-    def units() -> Iterator[Unit]:
-        for article in sources.iter_wikitext_articles(sources.iter_lines(path)):
-            yield ("wiki", article, True)
-
-    return Part("wikitext", split, [_file_record(info)], units, sources.wikitext_variant_of(path))
-
-
-def _local_dailydialog(data_dir: Path, split: str) -> Part:
-    path = sources.find_dailydialog_file(data_dir, split)
-    info = sources.check_text_file(path)
-
-    def units() -> Iterator[Unit]:
-        for dialogue in sources.iter_dailydialog_file(path):
-            yield ("dialog", dialogue, True)
-
-    return Part("dailydialog", split, [_file_record(info)], units)
-
-
-def _hub_record(dataset: Any, name: str) -> dict:
-    """A Hub input's identity: the dataset's fingerprint, and the sha256 of its cache files."""
-    record: dict[str, Any] = {"hub": name, "fingerprint": sources.hub_fingerprint(dataset), "rows": len(dataset)}
-    files = [Path(f["filename"]) for f in getattr(dataset, "cache_files", None) or []]
-    if files:
-        record["files"] = [{"path": str(f), "sha256": sources.sha256_file(f)} for f in files]
-    return record
-
-
-def _hub_wikitext(name: str, split: str) -> Part:
-    dataset = sources.open_hub_wikitext(name, split)
-
-    def units() -> Iterator[Unit]:
-        for article in sources.iter_wikitext_articles(sources.iter_hub_wikitext_lines(dataset)):
-            yield ("wiki", article, True)
-
-    record = _hub_record(dataset, f"hub:{sources.HUB_WIKITEXT}/{name}")
-    return Part("wikitext", split, [record], units, sources.hub_wikitext_variant(name))
-
-
-def _hub_dailydialog(split: str) -> Part:
-    dataset = sources.open_hub_dailydialog(split)
-
-    def units() -> Iterator[Unit]:
-        for dialogue in sources.iter_hub_dialogues(dataset):
-            yield ("dialog", dialogue, True)
-
-    record = _hub_record(dataset, f"hub:{sources.HUB_DAILYDIALOG}@{sources.HUB_DAILYDIALOG_REVISION}")
-    return Part("dailydialog", split, [record], units)
-
-
-def _text_parts(paths: list[Path], splits: list[str], every: int) -> list[Part]:
-    """The user's files as parts: every ``every``-th piece is held out for validation."""
-    infos = [sources.check_text_file(p) for p in paths]
-    records = [_file_record(i) for i in infos]
-    total = sum(1 for p in paths for _ in sources.iter_text_file(p))
-    held_out = {i for i in range(total) if i % every == every - 1}
-    if not held_out and total >= 2:
-        held_out = {total - 1}  # a small corpus still gets a validation piece
-
-    def units(want_validation: bool) -> Iterator[Unit]:
-        index = 0
-        for path in paths:
-            for text, ends in sources.iter_text_file(path):
-                if (index in held_out) == want_validation:
-                    yield ("text", text, ends or want_validation)
-                index += 1
-
-    parts = []
-    for split in splits:
-        if split == "train":
-            parts.append(Part("text", split, records, lambda: units(False)))
-        elif split == "validation":
-            parts.append(Part("text", split, records, lambda: units(True)))
-    return parts
-
-
-def resolve_parts(args: argparse.Namespace, source_names: list[str], splits: list[str]) -> list[Part]:
-    """Find, check and count every input, before anything is written."""
-    parts: list[Part] = []
-    data_dir = Path(args.data_dir) if args.data_dir else None
-    for source in source_names:
-        if source == "text":
-            if "test" not in splits:
-                parts.extend(_text_parts([Path(p) for p in args.text], splits, args.text_val_every))
-            continue
-        for split in splits:
-            if source == "wikitext":
-                part = _local_wikitext(data_dir, split, args.wikitext_variant) if data_dir else _hub_wikitext(args.wikitext, split)
-            else:
-                part = _local_dailydialog(data_dir, split) if data_dir else _hub_dailydialog(split)
-            parts.append(part)
-    for part in parts:  # a full streaming pass: finds malformed lines now, not mid-way
-        part.num_units = sum(1 for _ in part.make_units())
-        part.input_bytes = sum(r.get("bytes", 0) for r in part.inputs)
-        if part.num_units == 0 and part.source != "text":
-            where = part.inputs[0].get("path") or part.inputs[0].get("hub")
-            raise UserError(f"{where}: no {part.source} documents in it")
-    return parts
-
-
-# ---------------------------------------------------------------------------------------
-# Units -> texts -> token ids (run in worker processes)
-
-
-def unit_texts(unit: Unit, detokenize: bool) -> list[str]:
-    """The texts a unit is made of: an article, a dialogue's utterances, a text piece."""
-    kind, payload, _ = unit
-    if kind == "wiki":
-        return [detokenize_wikitext(payload) if detokenize else payload]
-    if kind == "dialog":
-        return [detokenize_dailydialog(u) for u in payload] if detokenize else list(payload)
-    return [payload]
-
-
-_worker: dict[str, Any] = {}
-
-
-def _init_worker(tokenizer_path: str, detokenize: bool, dtype: str) -> None:
-    _worker.update(tok=BPETokenizer.load(tokenizer_path), detokenize=detokenize, dtype=np.dtype(dtype))
-
-
-def _encode_units(units: list[Unit]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Token ids of a batch of units (concatenated), and tokens and text bytes per unit."""
-    tok: BPETokenizer = _worker["tok"]
-    ids: list[int] = []
-    tokens = np.zeros(len(units), dtype=np.int64)
-    nbytes = np.zeros(len(units), dtype=np.int64)
-    for i, unit in enumerate(units):
-        texts = unit_texts(unit, _worker["detokenize"])
-        start = len(ids)
-        if unit[0] == "dialog":
-            ids.extend(encode_chat(tok, alternate_turns(texts))[0])  # ends in <|endoftext|>
-        else:
-            ids.extend(tok.encode(texts[0]))
-            if unit[2]:
-                ids.append(tok.eot_id)
-        tokens[i] = len(ids) - start
-        nbytes[i] = sum(len(t.encode("utf-8")) for t in texts)
-    return np.asarray(ids, dtype=_worker["dtype"]), tokens, nbytes
-
-
-def _batches(units: Iterable[Unit]) -> Iterator[list[Unit]]:
-    batch: list[Unit] = []
-    chars = 0
-    for unit in units:
-        batch.append(unit)
-        chars += sum(len(t) for t in (unit[1] if unit[0] == "dialog" else [unit[1]]))
-        if len(batch) >= BATCH_UNITS or chars >= BATCH_CHARS:
-            yield batch
-            batch, chars = [], 0
-    if batch:
-        yield batch
-
-
-@dataclass
-class Encoded:
-    """One part's token ids in a temporary file, with its document boundaries."""
-
-    part: Part
-    bin_path: Path
-    ends_path: Path  # int64 pairs: cumulative (tokens, bytes) at each document end
-    tokens: int = 0
-    bytes: int = 0
-    documents: int = 0
-
-
-class Encoder:
-    """Encodes parts with a pool of worker processes (or in this process for workers <= 1)."""
-
-    def __init__(self, tokenizer_path: Path, detokenize: bool, dtype: np.dtype, workers: int) -> None:
-        self.workers = workers
-        initargs = (str(tokenizer_path), detokenize, np.dtype(dtype).name)
-        if workers > 1:
-            self.pool = multiprocessing.get_context("spawn").Pool(workers, _init_worker, initargs)
-        else:
-            self.pool = None
-            _init_worker(*initargs)
-
-    def close(self) -> None:
-        if self.pool is not None:
-            self.pool.terminate()
-            self.pool.join()
-
-    def _results(self, units: Iterable[Unit]) -> Iterator[tuple[list[Unit], tuple]]:
-        if self.pool is None:
-            for batch in _batches(units):
-                yield batch, _encode_units(batch)
-            return
-        # Never more than a few batches in flight: memory stays bounded whatever the corpus.
-        pending: deque = deque()
-        for batch in _batches(units):
-            pending.append((batch, self.pool.apply_async(_encode_units, (batch,))))
-            if len(pending) >= 2 * self.workers:
-                batch_, result = pending.popleft()
-                yield batch_, result.get()
-        while pending:
-            batch_, result = pending.popleft()
-            yield batch_, result.get()
-
-    def encode(self, part: Part, folder: Path) -> Encoded:
-        name = f"{part.split}.{part.source}"
-        enc = Encoded(part, folder / f"{name}.bin", folder / f"{name}.ends")
-        bar = tqdm(total=part.num_units, desc=f"encode {part.source}/{part.split}", unit="doc", file=sys.stderr)
-        with open(enc.bin_path, "wb") as bin_file, open(enc.ends_path, "wb") as ends_file, bar:
-            for batch, (ids, tokens, nbytes) in self._results(part.make_units()):
-                ids.tofile(bin_file)
-                cum_tokens = enc.tokens + np.cumsum(tokens)
-                cum_bytes = enc.bytes + np.cumsum(nbytes)
-                doc_end = np.array([u[2] for u in batch], dtype=bool)
-                np.stack([cum_tokens[doc_end], cum_bytes[doc_end]], axis=1).astype(np.int64).tofile(ends_file)
-                enc.tokens, enc.bytes = int(cum_tokens[-1]), int(cum_bytes[-1])
-                enc.documents += int(doc_end.sum())
-                bar.update(len(batch))
-        return enc
-
-
-# ---------------------------------------------------------------------------------------
-# Mixing and writing the split files
-
-
-def fractional_documents(num_documents: int, fraction: float) -> np.ndarray:
-    """Indices of the documents a fractional weight adds: ``floor(n * fraction)`` of them,
-    evenly spread (document i is taken when floor((i+1)f) > floor(i f)); deterministic."""
-    i = np.arange(num_documents, dtype=np.float64)
-    return np.nonzero(np.floor((i + 1) * fraction) > np.floor(i * fraction))[0]
-
-
-def _copy_documents(enc: Encoded, docs: np.ndarray, out_file, dtype: np.dtype) -> tuple[int, int]:
-    """Append the token ids of documents ``docs`` of ``enc``; returns (tokens, bytes)."""
-    if len(docs) == 0 or enc.tokens == 0:
-        return 0, 0
-    ends = np.fromfile(enc.ends_path, dtype=np.int64).reshape(-1, 2)
-    starts = np.vstack([[0, 0], ends[:-1]])
-    ids = np.memmap(enc.bin_path, dtype=dtype, mode="r")
-    tokens = nbytes = 0
-    for d in docs:
-        ids[starts[d, 0] : ends[d, 0]].tofile(out_file)
-        tokens += int(ends[d, 0] - starts[d, 0])
-        nbytes += int(ends[d, 1] - starts[d, 1])
-    del ids
-    return tokens, nbytes
-
-
-def write_split(path: Path, encoded: list[Encoded], weights: dict[str, float], dtype: np.dtype) -> dict:
-    """Write one split file atomically: each part repeated by its weight; returns its counts."""
-    stats: dict[str, Any] = {"file": path.name, "tokens": 0, "bytes": 0, "documents": 0, "by_source": {}}
-    with atomic_path(path) as tmp, open(tmp, "wb") as out_file:
-        for enc in encoded:
-            weight = weights.get(enc.part.source, 1.0)
-            whole, fraction = int(weight), weight - int(weight)
-            for _ in range(whole):
-                with open(enc.bin_path, "rb") as src:
-                    shutil.copyfileobj(src, out_file, 1 << 24)
-            docs = fractional_documents(enc.documents, fraction) if fraction > 0 else np.zeros(0, np.int64)
-            extra_tokens, extra_bytes = _copy_documents(enc, docs, out_file, dtype)
-            counts = {
-                "tokens": whole * enc.tokens + extra_tokens,
-                "bytes": whole * enc.bytes + extra_bytes,
-                "documents": whole * enc.documents + len(docs),
-                "weight": weight,
-                "unique_documents": enc.documents,
-            }
-            if enc.part.variant:
-                counts["variant"] = enc.part.variant
-            stats["by_source"][enc.part.source] = counts
-            for key in ("tokens", "bytes", "documents"):
-                stats[key] += counts[key]
-    return stats
 
 
 # ---------------------------------------------------------------------------------------
@@ -468,10 +168,11 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    started = time.time()
-    splits = parse_splits(args.splits)
+def choose_sources(args: argparse.Namespace, splits: list[str]) -> tuple[list[str], dict[str, float]]:
+    """The sources of this run and their training weights (--sources, --text, --mix).
+
+    A source weighted 0 is dropped from a run that prepares the training split.
+    """
     if args.sources:
         source_names = [s.strip() for s in args.sources.split(",") if s.strip()]
         unknown = [s for s in source_names if s not in KNOWN_SOURCES]
@@ -489,6 +190,14 @@ def main(argv: list[str] | None = None) -> int:
     if "train" in splits:  # weight 0 drops a source from the run
         source_names = [s for s in source_names if weights[s] > 0]
         weights = {s: weights[s] for s in source_names}
+    return source_names, weights
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    started = time.time()
+    splits = parse_splits(args.splits)
+    source_names, weights = choose_sources(args, splits)
     if args.text_val_every < 2:
         raise UserError(f"--text-val-every {args.text_val_every}: must be at least 2")
     if args.vocab_size < 256 + NUM_RESERVED_SPECIAL and not args.tokenizer:
@@ -497,15 +206,15 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
 
     # 1. Check every input and the tokenizer before writing anything.
-    parts = resolve_parts(args, source_names, splits)
+    parts = resolve_parts(
+        source_names, splits, data_dir=Path(args.data_dir) if args.data_dir else None,
+        hub_wikitext=args.wikitext, wikitext_variant=args.wikitext_variant,
+        text_files=[Path(p) for p in args.text], text_val_every=args.text_val_every,
+    )
     train_parts = [p for p in parts if p.split == "train"]
     if "train" in splits and not any(p.num_units for p in train_parts):
         raise UserError("the training split has no documents")
-    tokenizer_path = Path(args.tokenizer) if args.tokenizer else None
-    if tokenizer_path is None and "train" not in splits:
-        tokenizer_path = out / "tokenizer.json"
-        if not tokenizer_path.is_file():
-            raise UserError(f"{tokenizer_path}: no tokenizer to encode {', '.join(splits)} with; prepare train,val first or pass --tokenizer")
+    tokenizer_path = _given_tokenizer_path(args.tokenizer, splits, out)
     given_tok = BPETokenizer.load(tokenizer_path) if tokenizer_path else None
 
     settings = {
@@ -526,35 +235,75 @@ def main(argv: list[str] | None = None) -> int:
     # 2. From here on files change: first make sure no stale meta.json vouches for them.
     out.mkdir(parents=True, exist_ok=True)
     (out / "meta.json").unlink(missing_ok=True)
-    if given_tok is not None:
+    if given_tok is None:
+        tok = _trained_tokenizer(out, train_parts, args.vocab_size, detokenize, args.force)
+    else:
         tok = given_tok
         if tokenizer_path.resolve() != (out / "tokenizer.json").resolve():
             tok.save(out / "tokenizer.json")
-    else:
-        tok = _trained_tokenizer(out, train_parts, args.vocab_size, detokenize, args.force)
     dtype = np.dtype(np.uint16 if tok.vocab_size <= 65536 else np.uint32)
 
     # 3. Encode each part into a temporary folder, then write each split file.
+    split_stats = _write_splits(out, parts, splits, weights, detokenize, dtype, max(1, args.workers))
+    for stats in split_stats.values():
+        stats["fingerprint"] = fp
+
+    # 4. meta.json, last.
+    meta = _meta(out, tok, dtype, detokenize, weights, split_stats, old_meta, parts, args, settings)
+    write_json_atomic(out / "meta.json", meta)
+    _print_summary(out, meta, split_stats, time.time() - started)
+    return 0
+
+
+def _given_tokenizer_path(option: str | None, splits: list[str], out: Path) -> Path | None:
+    """The tokenizer to encode with: --tokenizer, else the one in ``out`` for a run without
+    the training split, else None (train one)."""
+    if option:
+        return Path(option)
+    if "train" in splits:
+        return None
+    path = out / "tokenizer.json"
+    if not path.is_file():
+        raise UserError(f"{path}: no tokenizer to encode {', '.join(splits)} with; prepare train,val first or pass --tokenizer")
+    return path
+
+
+def _write_splits(
+    out: Path, parts: list[Part], splits: list[str], weights: dict[str, float], detokenize: bool,
+    dtype: np.dtype, workers: int,
+) -> dict[str, dict]:
+    """Encode the parts of each split (with ``out/tokenizer.json``) and write its file;
+    returns each split file's counts, keyed by its file stem."""
     split_stats = {}
-    encoder = Encoder(out / "tokenizer.json", detokenize, dtype, max(1, args.workers))
+    encoder = Encoder(out / "tokenizer.json", detokenize, dtype, workers)
     try:
         with tempfile.TemporaryDirectory(prefix=".prepare-", dir=out) as tmp:
             for split in splits:
                 encoded = [encoder.encode(p, Path(tmp)) for p in parts if p.split == split]
                 split_weights = weights if split == "train" else {}
                 stats = write_split(out / f"{SPLIT_NAMES[split]}.bin", encoded, split_weights, dtype)
-                stats["fingerprint"] = fp
                 split_stats[SPLIT_NAMES[split]] = stats
     finally:
         encoder.close()
+    return split_stats
 
-    # 4. meta.json, last. A test split keeps the train/val entries if the tokenizer is the same.
+
+def _meta(
+    out: Path, tok: BPETokenizer, dtype: np.dtype, detokenize: bool, weights: dict[str, float],
+    split_stats: dict[str, dict], old_meta: dict | None, parts: list[Part], args: argparse.Namespace,
+    settings: dict,
+) -> dict:
+    """The content of meta.json, given the split files this run wrote (``split_stats``).
+
+    A test-only run keeps the train/val entries if the tokenizer is the same; a run without
+    the test split removes an old test.bin (another tokenizer or settings).
+    """
     kept = {}
-    if "train" not in splits and old_meta and old_meta.get("tokenizer_hash") == tok.hash:
+    if "train" not in split_stats and old_meta and old_meta.get("tokenizer_hash") == tok.hash:
         kept = {k: v for k, v in old_meta.get("splits", {}).items() if k not in split_stats}
-    elif "test" not in splits:
+    elif "test" not in split_stats:
         (out / "test.bin").unlink(missing_ok=True)  # encoded with another tokenizer or settings
-    meta = {
+    return {
         "format_version": FORMAT_VERSION,
         "created_by": "src/data/prepare_data.py",
         "tokenizer": "tokenizer.json",
@@ -569,9 +318,6 @@ def main(argv: list[str] | None = None) -> int:
         "sources": _sources_meta(parts, args),
         "settings": settings,
     }
-    write_json_atomic(out / "meta.json", meta)
-    _print_summary(out, meta, split_stats, time.time() - started)
-    return 0
 
 
 def _trained_tokenizer(out: Path, train_parts: list[Part], vocab_size: int, detokenize: bool, force: bool) -> BPETokenizer:

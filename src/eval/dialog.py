@@ -2,7 +2,7 @@
 
 Each dialogue becomes a document exactly as data preparation builds it: its utterances
 (detokenised or not, as the run was trained) as alternating user / assistant turns in the
-project's one chat template (src/data/chat_template.encode_chat), ending in
+project's one chat template (src/tokenizer/chat_template.encode_chat), ending in
 ``<|endoftext|>``. The dialogues follow each other in one stream behind a leading
 ``<|endoftext|>``, and one sliding-window pass scores every token once; the two figures are
 two sums over that pass:
@@ -23,9 +23,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from src.data.chat_template import alternate_turns, encode_chat
 from src.data.detokenize import detokenize_dailydialog
 from src.eval.perplexity import nll_summary, sliding_window_token_nll, text_bytes
+from src.tokenizer.chat_template import alternate_turns, encode_chat
 from src.utils.cli import UserError
 
 

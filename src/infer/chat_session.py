@@ -3,7 +3,7 @@
 ``chat.py`` is only the terminal around this module; everything here works without one.
 
 How a prompt is built. The conversation is encoded with the project's one chat template
-(``src.data.chat_template.encode_chat``), preceded by ``<|endoftext|>`` (in training every
+(``src.tokenizer.chat_template.encode_chat``), preceded by ``<|endoftext|>`` (in training every
 dialogue follows the previous document's end token) and followed by ``<|assistant|>``::
 
     <|endoftext|><|user|>Hi!<|assistant|>Hello.<|user|>How are you?<|assistant|>
@@ -30,8 +30,6 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from src.data.chat_template import Turn, encode_chat, reply_stop_ids
-from src.data.special_tokens import ASSISTANT, ENDOFTEXT
 from src.infer.sampling import (
     CHAT_DEFAULTS,
     SamplingSettings,
@@ -39,6 +37,8 @@ from src.infer.sampling import (
     generate,
     rename_setting_in_error,
 )
+from src.tokenizer.chat_template import Turn, encode_chat, reply_stop_ids
+from src.tokenizer.special_tokens import ASSISTANT, ENDOFTEXT
 from src.utils.device import make_generator
 
 Notice = Callable[[str], None]

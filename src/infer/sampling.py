@@ -372,7 +372,7 @@ def generate(
     row concatenate to its ``Completion.text``. A ``KeyboardInterrupt`` raised inside (or
     by) ``on_text`` propagates; what was streamed so far is what the caller has seen.
     """
-    from src.data.bpe import StreamingDecoder  # the tokenizer's decoder: whole characters only
+    from src.tokenizer.bpe import StreamingDecoder  # the tokenizer's decoder: whole characters only
 
     stop_set = set(stop_ids)
     done = [Completion() for _ in range(num_samples)]

@@ -31,10 +31,10 @@ import numpy as np
 import torch
 
 from src import checkpoint as reader
-from src.data.bpe import BPETokenizer
 from src.eval.perplexity import sliding_window_nll, text_bytes
 from src.infer.sampling import DEFAULT_TEMPERATURE, SamplingSettings, generate
 from src.model.gpt import GPT
+from src.tokenizer.bpe import BPETokenizer
 from src.training import checkpoint as ckpt_io
 from src.training.config import TrainConfig, make_config
 from src.training.distributed import (

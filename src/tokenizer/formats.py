@@ -7,8 +7,9 @@ encoder (tests check this on the validation corpora):
   algorithm), the split pattern as a ``Split`` pre-tokenizer followed by the byte-level
   alphabet mapping, and our special tokens as added tokens (special=True). It loads with
   ``tokenizers.Tokenizer.from_file`` and ``transformers.PreTrainedTokenizerFast``.
-- ``tiktoken.Encoding``: tiktoken ranks tokens by their bytes, not by pairs; see
-  :func:`to_tiktoken` for why the two agree. BPETokenizer uses it as its fast path.
+- ``tiktoken.Encoding`` and tiktoken's ranks file: tiktoken ranks tokens by their bytes,
+  not by pairs; see :mod:`src.tokenizer.fast_path` (BPETokenizer's fast path) for why the
+  two agree.
 """
 
 from __future__ import annotations
@@ -16,15 +17,13 @@ from __future__ import annotations
 import base64
 import json
 import os
-from collections.abc import Callable
 from functools import lru_cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from src.tokenizer.bpe import BPETokenizer
+from src.tokenizer.fast_path import require_distinct_tokens, tiktoken_encoding
 from src.utils.atomic import write_text_atomic
-
-if TYPE_CHECKING:
-    from src.data.bpe import BPETokenizer
 
 
 @lru_cache(maxsize=1)
@@ -42,8 +41,7 @@ def byte_to_unicode() -> dict[int, str]:
 
 def hf_tokenizer_json(tok: BPETokenizer) -> dict[str, Any]:
     """The Hugging Face ``tokenizer.json`` content of ``tok`` (a dict)."""
-    if len(set(tok.vocab)) != len(tok.vocab):
-        raise ValueError("two merges produce the same bytes; a tokenizer.json vocabulary cannot represent this")
+    require_distinct_tokens(tok.vocab, "a tokenizer.json vocabulary")
     b2u = byte_to_unicode()
 
     def show(token: bytes) -> str:
@@ -97,36 +95,16 @@ def to_hf(tok: BPETokenizer):
     return Tokenizer.from_str(json.dumps(hf_tokenizer_json(tok)))
 
 
-def to_transformers(tok: BPETokenizer):
-    """A ``transformers.PreTrainedTokenizerFast`` equal to ``tok``, with eos = <|endoftext|>."""
-    from transformers import PreTrainedTokenizerFast
-
-    eot = next(s for s, i in tok.special_tokens.items() if i == tok.eot_id)
-    return PreTrainedTokenizerFast(tokenizer_object=to_hf(tok), eos_token=eot)
-
-
 def to_tiktoken(tok: BPETokenizer, name: str = "gpt-model-bpe"):
-    """A ``tiktoken.Encoding`` with our pattern, tokens (rank = id) and special tokens.
-
-    tiktoken merges the adjacent pair whose *concatenated bytes* are the lowest-ranked
-    token; we merge the adjacent pair that *is* the lowest-ranked merge. They could differ
-    only where two adjacent tokens U, V form a token T learnt from another split; with
-    merges learnt by training such a (U, V) never meets before T's own pair would (a merge
-    is only learnt from pairs that occur), so they agree. BPETokenizer still compares the
-    two on probe texts before using this encoding as its fast path, and the tests compare
-    them on the validation corpora and on random text.
-    """
-    import tiktoken
-
-    ranks = {t: i for i, t in enumerate(tok.vocab)}
-    if len(ranks) != len(tok.vocab):
-        raise ValueError("two merges produce the same bytes; tiktoken cannot represent this vocabulary")
-    return tiktoken.Encoding(name=name, pat_str=tok.pattern, mergeable_ranks=ranks, special_tokens=dict(tok.special_tokens))
+    """A ``tiktoken.Encoding`` equal to ``tok`` (needs the ``tiktoken`` package); see
+    :func:`src.tokenizer.fast_path.tiktoken_encoding` for why the two agree."""
+    return tiktoken_encoding(tok.vocab, tok.pattern, tok.special_tokens, name)
 
 
 def save_tiktoken(tok: BPETokenizer, path: str | os.PathLike) -> None:
     """Write tiktoken's ranks file (base64 token, rank; per line) to ``path`` and the
     pattern and special tokens to ``path + ".json"``; read back with :func:`load_tiktoken`."""
+    require_distinct_tokens(tok.vocab, "tiktoken")
     lines = "".join(f"{base64.b64encode(t).decode('ascii')} {i}\n" for i, t in enumerate(tok.vocab))
     write_text_atomic(path, lines)
     meta = {"name": "gpt-model-bpe", "pat_str": tok.pattern, "special_tokens": tok.special_tokens, "hash": tok.hash}
@@ -145,35 +123,3 @@ def load_tiktoken(path: str | os.PathLike):
         mergeable_ranks=load_tiktoken_bpe(os.fspath(path)),
         special_tokens=meta["special_tokens"],
     )
-
-
-# Texts that exercise every alternative of the split pattern and the whitespace, digit and
-# letter classes where regex engines could disagree.
-_PROBE_TEXTS = (
-    "Hello, world! It's 12345 o'clock; we'RE 'LL 'Ve done.\r\n\r\n  spaced   out  \n",
-    "\t\x0b\x0c\x1c\x1d\x1e\x1f\x85\xa0\u1680\u2000\u2028\u2029\u202f\u205f\u3000 x \u200b\ufeff",
-    "naïve café e\u0301 東京 ٣٤٥ ²³ Ⅻ ½ 𝟙𝟚 😀👍🏽🇫🇷 \x00\x7f ...!!! ?? --- \n\n\n",
-)
-
-
-def fast_path_mismatch(enc, reference: Callable[[str], list[int]], vocab: list[bytes]) -> str | None:
-    """Compare tiktoken ``enc`` with the ``reference`` encoder on probe texts.
-
-    Returns a description of the first difference, or None when they agree. The probes are
-    the texts above plus every 16th token of the vocabulary, alone and glued to others.
-    (tiktoken takes a chunk that is a whole token as that token; our merges give the same
-    for trained tokens, as the merges that built a token inside its training context also
-    build it alone.)
-    """
-    if not hasattr(enc, "_core_bpe"):
-        return f"tiktoken {getattr(enc, '__module__', '')} has no _core_bpe (unsupported version)"
-    probes = list(_PROBE_TEXTS)
-    strings = [t.decode("utf-8", errors="ignore") for t in vocab[256:]]
-    for i in range(0, len(strings), 16):
-        probes.append(strings[i])  # alone: tiktoken takes a chunk found in its vocabulary whole
-        probes.append("".join(strings[i : i + 3]))
-        probes.append(strings[i] + " " + strings[-1 - i])
-    for text in probes:
-        if enc.encode_ordinary(text) != reference(text):
-            return f"it encodes {text!r} differently"
-    return None

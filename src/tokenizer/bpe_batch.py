@@ -1,4 +1,4 @@
-"""Batch encoding for BPETokenizer.encode_batch: worker processes or threads, numpy output.
+"""Batch encoding for BPETokenizer.encode_batch (bpe.py): worker processes or threads, numpy output.
 
 Work is shared out in pieces of about ``GROUP_CHARS`` characters. A long text is cut at
 chunk boundaries that the split pattern can never cross (``bpe_train.iter_blocks``), so a
@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from src.data.bpe_train import SPLIT_PATTERN, iter_blocks
+from src.tokenizer.bpe_train import SPLIT_PATTERN, iter_blocks
 
 PARALLEL_MIN_CHARS = 1 << 20  # smaller batches are not worth starting processes for
 GROUP_CHARS = 1 << 19  # characters per work item
@@ -50,10 +50,10 @@ def _assemble(n_texts: int, groups, results, dtype) -> list[np.ndarray]:
 _worker: dict = {}
 
 
-def _init_worker(merges, pattern, specials, dtype) -> None:
-    from src.data.bpe import BPETokenizer  # here, not at the top: bpe imports this module
-
-    tok = BPETokenizer(merges, pattern=pattern, special_tokens=specials)
+def _init_worker(tokenizer_class, merges, pattern, specials, dtype) -> None:
+    # The class comes as an argument (pickled by reference): this module sits below the
+    # tokenizer's core (bpe.py imports it), so it never imports BPETokenizer itself.
+    tok = tokenizer_class(merges, pattern=pattern, special_tokens=specials)
     tok.backend_preference = "python"
     _worker.update(tok=tok, dtype=dtype)
 
@@ -69,10 +69,14 @@ def in_daemon() -> bool:
 
 
 def encode_in_processes(tok, texts: Sequence[str], workers: int, dtype) -> list[np.ndarray]:
-    """Encode ``texts`` with ``tok``'s pure-Python encoder in ``workers`` processes."""
+    """Encode ``texts`` with ``tok``'s pure-Python encoder in ``workers`` processes.
+
+    Each worker rebuilds the tokenizer once with ``type(tok)(merges, pattern=...,
+    special_tokens=...)``, the BPETokenizer constructor's signature.
+    """
     groups = split_work(texts, tok.pattern, GROUP_CHARS)
     method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-    init = (tok.merges, tok.pattern, list(tok.special_tokens), dtype)
+    init = (type(tok), tok.merges, tok.pattern, list(tok.special_tokens), dtype)
     with multiprocessing.get_context(method).Pool(min(workers, len(groups)), _init_worker, init) as pool:
         results = pool.imap(_encode_group, groups)
         return _assemble(len(texts), groups, results, dtype)

@@ -19,7 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
-from src.data.special_tokens import ASSISTANT, ENDOFTEXT, USER
+from src.tokenizer.special_tokens import ASSISTANT, ENDOFTEXT, USER
 
 Role = Literal["user", "assistant"]
 ROLE_TOKENS: dict[str, str] = {"user": USER, "assistant": ASSISTANT}

@@ -1,0 +1,164 @@
+"""The corpus of a data-preparation run: the sources' splits as *parts*, each a checked set of
+inputs with a re-iterable stream of *units* (the documents, or pieces of them).
+
+A unit is ``(kind, payload, ends_document)``; kind "wiki": the release text of an article;
+"dialog": a dialogue's utterances (release text); "text": the user's text, as is.
+``unit_texts`` turns a unit into the texts the tokenizer sees (detokenised or not).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from src.data import sources
+from src.data.detokenize import detokenize_dailydialog, detokenize_wikitext
+from src.utils.cli import UserError
+
+Unit = tuple[str, Any, bool]
+
+
+@dataclass
+class Part:
+    """One source's split: its checked inputs, and ``make_units()``, a fresh stream of its
+    units on every call (counted once by :func:`resolve_parts` into ``num_units``)."""
+
+    source: str
+    split: str
+    inputs: list[dict]  # recorded in meta.json: path or hub id, sha256 / fingerprint, bytes
+    make_units: Callable[[], Iterator[Unit]]
+    variant: str | None = None  # WikiText: "raw" or "tokens"
+    num_units: int = 0
+    input_bytes: int = 0
+
+
+def _file_record(info: sources.InputFile) -> dict:
+    return {"path": str(info.path), "sha256": info.sha256, "bytes": info.bytes}
+
+
+def _local_wikitext(data_dir: Path, split: str, variant: str) -> Part:
+    path = sources.find_wikitext_file(data_dir, split, variant)
+    info = sources.check_text_file(path)
+
+    def units() -> Iterator[Unit]:
+        for article in sources.iter_wikitext_articles(sources.iter_lines(path)):
+            yield ("wiki", article, True)
+
+    return Part("wikitext", split, [_file_record(info)], units, sources.wikitext_variant_of(path))
+
+
+def _local_dailydialog(data_dir: Path, split: str) -> Part:
+    path = sources.find_dailydialog_file(data_dir, split)
+    info = sources.check_text_file(path)
+
+    def units() -> Iterator[Unit]:
+        for dialogue in sources.iter_dailydialog_file(path):
+            yield ("dialog", dialogue, True)
+
+    return Part("dailydialog", split, [_file_record(info)], units)
+
+
+def _hub_record(dataset: Any, name: str) -> dict:
+    """A Hub input's identity: the dataset's fingerprint, and the sha256 of its cache files."""
+    record: dict[str, Any] = {"hub": name, "fingerprint": sources.hub_fingerprint(dataset), "rows": len(dataset)}
+    files = [Path(f["filename"]) for f in getattr(dataset, "cache_files", None) or []]
+    if files:
+        record["files"] = [{"path": str(f), "sha256": sources.sha256_file(f)} for f in files]
+    return record
+
+
+def _hub_wikitext(name: str, split: str) -> Part:
+    dataset = sources.open_hub_wikitext(name, split)
+
+    def units() -> Iterator[Unit]:
+        for article in sources.iter_wikitext_articles(sources.iter_hub_wikitext_lines(dataset)):
+            yield ("wiki", article, True)
+
+    record = _hub_record(dataset, f"hub:{sources.HUB_WIKITEXT}/{name}")
+    return Part("wikitext", split, [record], units, sources.hub_wikitext_variant(name))
+
+
+def _hub_dailydialog(split: str) -> Part:
+    dataset = sources.open_hub_dailydialog(split)
+
+    def units() -> Iterator[Unit]:
+        for dialogue in sources.iter_hub_dialogues(dataset):
+            yield ("dialog", dialogue, True)
+
+    record = _hub_record(dataset, f"hub:{sources.HUB_DAILYDIALOG}@{sources.HUB_DAILYDIALOG_REVISION}")
+    return Part("dailydialog", split, [record], units)
+
+
+def _text_parts(paths: list[Path], splits: list[str], every: int) -> list[Part]:
+    """The user's files as parts: every ``every``-th piece is held out for validation."""
+    infos = [sources.check_text_file(p) for p in paths]
+    records = [_file_record(i) for i in infos]
+    total = sum(1 for p in paths for _ in sources.iter_text_file(p))
+    held_out = {i for i in range(total) if i % every == every - 1}
+    if not held_out and total >= 2:
+        held_out = {total - 1}  # a small corpus still gets a validation piece
+
+    def units(want_validation: bool) -> Iterator[Unit]:
+        index = 0
+        for path in paths:
+            for text, ends in sources.iter_text_file(path):
+                if (index in held_out) == want_validation:
+                    yield ("text", text, ends or want_validation)
+                index += 1
+
+    parts = []
+    for split in splits:
+        if split == "train":
+            parts.append(Part("text", split, records, lambda: units(False)))
+        elif split == "validation":
+            parts.append(Part("text", split, records, lambda: units(True)))
+    return parts
+
+
+def resolve_parts(
+    source_names: list[str],
+    splits: list[str],
+    *,
+    data_dir: Path | None,
+    hub_wikitext: str,
+    wikitext_variant: str,
+    text_files: list[Path],
+    text_val_every: int,
+) -> list[Part]:
+    """Find, check and count every input, before anything is written.
+
+    Releases are read from ``data_dir`` when given (WikiText in ``wikitext_variant``),
+    else from the Hub (WikiText config ``hub_wikitext``); the user's ``text_files`` hold
+    out every ``text_val_every``-th piece for validation and have no test split.
+    """
+    parts: list[Part] = []
+    for source in source_names:
+        if source == "text":
+            if "test" not in splits:
+                parts.extend(_text_parts(text_files, splits, text_val_every))
+            continue
+        for split in splits:
+            if source == "wikitext":
+                part = _local_wikitext(data_dir, split, wikitext_variant) if data_dir else _hub_wikitext(hub_wikitext, split)
+            else:
+                part = _local_dailydialog(data_dir, split) if data_dir else _hub_dailydialog(split)
+            parts.append(part)
+    for part in parts:  # a full streaming pass: finds malformed lines now, not mid-way
+        part.num_units = sum(1 for _ in part.make_units())
+        part.input_bytes = sum(r.get("bytes", 0) for r in part.inputs)
+        if part.num_units == 0 and part.source != "text":
+            where = part.inputs[0].get("path") or part.inputs[0].get("hub")
+            raise UserError(f"{where}: no {part.source} documents in it")
+    return parts
+
+
+def unit_texts(unit: Unit, detokenize: bool) -> list[str]:
+    """The texts a unit is made of: an article, a dialogue's utterances, a text piece."""
+    kind, payload, _ = unit
+    if kind == "wiki":
+        return [detokenize_wikitext(payload) if detokenize else payload]
+    if kind == "dialog":
+        return [detokenize_dailydialog(u) for u in payload] if detokenize else list(payload)
+    return [payload]
