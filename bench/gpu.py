@@ -86,7 +86,7 @@ def settings(dry_run: bool) -> dict[str, Any]:
             calibration_steps=1, eval_every_tokens=2048, eval_tokens=512, quality_max_tokens=4096,
         )
     return dict(
-        total_cap=470, matmul_n=8192, matmul_warmup=10, matmul_iters=50, matmul_cap=30,
+        total_cap=460, matmul_n=8192, matmul_warmup=10, matmul_iters=50, matmul_cap=30,
         context=1024, speed_batch=32, warmup_steps=10, timed_steps=30, speed_cap=100,
         compile=True, batch_cap=MAX_BATCH_CAP, max_batch_cap=30,
         quality_cap=190, quality_batch=32,
@@ -302,15 +302,21 @@ def bench_max_batch(preset: str, device: torch.device, s: dict[str, Any], dry_ru
     probes: list[dict[str, Any]] = []
 
     def fits(batch: int) -> bool:
-        ok = True
+        error = None
         try:
             step(random_batch(batch, T, raw.config.vocab_size, device, seed=batch))
             sync(device)
-        except torch.cuda.OutOfMemoryError:
-            ok = False
+        except torch.cuda.OutOfMemoryError as exc:
+            error = str(exc).splitlines()[0][:200]
+        except RuntimeError as exc:  # cuBLAS/cuDNN report a failed allocation in their own words
+            if not any(m in str(exc) for m in ("out of memory", "ALLOC_FAILED")):
+                raise
+            error = str(exc).splitlines()[0][:200]
         for opt in optimizers:  # gradients of a failed step are dropped with the exception
             opt.zero_grad(set_to_none=True)
-        probes.append({"batch": batch, "fits": ok, "peak_mem_gib": peak_memory_gib(device)})
+        probe = {"batch": batch, "fits": error is None, "peak_mem_gib": peak_memory_gib(device)}
+        probes.append(probe if error is None else {**probe, "error": error})
+        ok = error is None
         free_memory(device)
         return ok
 
