@@ -439,6 +439,7 @@ def bench_quality(data_dir: Path, device: torch.device, s: dict[str, Any], dry_r
     out.update(steps=step, tokens_seen=step * tokens_per_step, epochs=round(loader.epoch, 3),
                seconds=round(train_seconds, 1), peak_mem_gib=peak_memory_gib(device))
     if t_calibrated is not None and step > 1 + s["calibration_steps"]:
+        # After compilation, evaluations included: what a real run of this recipe gets.
         out["tokens_per_s"] = round((step - 1) * tokens_per_step / (time.time() - t_first), 1)
     last = out["curve"][-1]
     if last["tokens"] != out["tokens_seen"]:
