@@ -49,12 +49,12 @@ import torch
 import torch.nn.functional as F
 
 from src.eval.perplexity import sliding_window_nll
-from src.model.gpt import GPT, GPTConfig
-from src.training.config import PRESETS as TRAIN_PRESETS
+from src.model.gpt import GPT
 from src.training.config import TrainConfig
 from src.training.load import BatchLoader, open_tokens, read_meta  # the one import of the loader
 from src.training.observe import peak_flops
 from src.training.optim import build_optimizers, lr_at, set_lr
+from src.training.presets import PRESETS, model_config
 from src.utils.atomic import write_json_atomic
 from src.utils.cli import UserError, run_cli
 
@@ -65,11 +65,6 @@ QUALITY_PRESET = "gpt-60m"
 MAX_BATCH_CAP = 256  # H200 has ~139 GiB; beyond 256 x 1024 tokens a micro-batch gains nothing
 EVAL_EVERY_TOKENS = 2**24  # ~16.8M tokens (~4 epochs of WikiText-2 + DailyDialog) between evals
 EVAL_TOKENS = 262_144  # the fixed slice of val.bin scored at each evaluation
-
-
-def model_config(preset: str, **overrides: Any) -> GPTConfig:
-    """The model shape of ``preset`` (the one place this script reads model presets)."""
-    return GPTConfig.from_preset(preset, **overrides)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -92,7 +87,7 @@ def settings(dry_run: bool) -> dict[str, Any]:
         context=1024, speed_batch=32, warmup_steps=10, timed_steps=30, speed_cap=100,
         compile=True, batch_cap=MAX_BATCH_CAP, max_batch_cap=30,
         quality_cap=190, quality_batch=32,
-        quality_tokens_per_step=TRAIN_PRESETS[QUALITY_PRESET]["tokens_per_step"],
+        quality_tokens_per_step=PRESETS[QUALITY_PRESET].train["tokens_per_step"],
         quality_warmup=40, calibration_steps=5, eval_every_tokens=EVAL_EVERY_TOKENS,
         eval_tokens=EVAL_TOKENS, quality_max_tokens=None,
     )
@@ -158,7 +153,7 @@ class Timer:
 
 def train_config(preset: str, **overrides: Any) -> TrainConfig:
     """The preset's training hyper-parameters (lr, betas, weight decay, clip), as train.py uses."""
-    return TrainConfig(**{**TRAIN_PRESETS[preset], "preset": preset, **overrides})
+    return TrainConfig(**{**PRESETS[preset].train, "preset": preset, **overrides})
 
 
 def build(preset: str, device: torch.device, compile_model: bool, seed: int = 0,
