@@ -2,7 +2,7 @@
 
 ``torchrun --nproc_per_node=N train.py ...`` sets RANK / WORLD_SIZE / LOCAL_RANK; we join the
 process group (NCCL on CUDA, gloo on CPU) and wrap the model. The model file knows nothing of
-this. Each rank reads its own share of every global batch (src/training/load.py), so N ranks
+this. Each rank reads its own share of every global batch (src/training/batches.py), so N ranks
 with micro-batch B train exactly like one process with micro-batch N*B.
 """
 
