@@ -25,8 +25,10 @@ from src.training.config import (
     make_config,
     resolve_config,
 )
+from src.training.loop import NonFiniteLoss
 from src.training.optim import build_optimizers, lr_at
-from src.training.trainer import BUDGET_RESERVE, NonFiniteLoss, plan_steps, train
+from src.training.time_budget import BUDGET_RESERVE, plan_steps
+from src.training.trainer import train
 from src.utils.cli import UserError
 from tests.fixtures import make_token_data, tiny_config
 
@@ -216,18 +218,18 @@ def test_time_budget_plans_steps():
 
 def test_time_budget_replans_at_evaluations(data_dir, tmp_path, monkeypatch):
     # A fake clock: the first 6 steps take 10 s each (compilation, a busy machine), the rest 1 s.
-    from src.training import trainer
+    from src.training import loop
 
     clock = {"now": 1000.0, "steps": 0}
-    real_set_lr = trainer.set_lr
+    real_set_lr = loop.set_lr
 
     def timed_set_lr(optimizers, lr):  # called once at the start of every step
         clock["now"] += 10.0 if clock["steps"] < 6 else 1.0
         clock["steps"] += 1
         real_set_lr(optimizers, lr)
 
-    monkeypatch.setattr(trainer, "set_lr", timed_set_lr)
-    monkeypatch.setattr(trainer, "time", SimpleNamespace(time=lambda: clock["now"]))
+    monkeypatch.setattr(loop, "set_lr", timed_set_lr)
+    monkeypatch.setattr(loop, "time", SimpleNamespace(time=lambda: clock["now"]))
     res = train(tiny_config(data_dir, tmp_path / "r", max_steps=1000, time_budget=3.0, eval_interval=5))
     # Of 180 s, 180 * (1 - BUDGET_RESERVE) are planned for (172.8 s). Calibration (steps 2-6, 10 s
     # each, 60 s spent) plans 6 + (172.8 - 60) // 10 = 17 steps; the evaluation at step 10 sees

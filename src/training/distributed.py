@@ -123,3 +123,16 @@ def any_rank(flag: bool, info: DistInfo, device: torch.device) -> bool:
     t = torch.tensor([1.0 if flag else 0.0], device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item() > 0)
+
+
+def check_ranks_in_sync(model: nn.Module, device: torch.device) -> float:
+    """DDP replicas must hold identical weights: compare a checksum over ranks (at each checkpoint)
+    and raise if they drifted apart. Returns the checksum. Collective: every rank calls it."""
+    with torch.no_grad():
+        total = sum(p.detach().double().sum() for p in model.parameters()).to(device)
+    lo, hi = total.clone(), total.clone()
+    dist.all_reduce(lo, op=dist.ReduceOp.MIN)
+    dist.all_reduce(hi, op=dist.ReduceOp.MAX)
+    if lo.item() != hi.item():
+        raise RuntimeError(f"data-parallel ranks out of sync: weight checksums {lo.item()!r} .. {hi.item()!r}")
+    return float(total)
