@@ -202,7 +202,9 @@ class TrainLoop:
             # Gradients are all-reduced across processes once per step, on the last micro-batch.
             with no_grad_sync(self.model, active=i < n - 1), self._autocast():
                 _, loss = self.model(x, y)
-            scaled = loss / n  # the step's gradient is the mean over its micro-batches
+            # The step's loss is the mean over its micro-batches (each the mean over its scored
+            # targets), so equal-sized batches weigh as one big batch would.
+            scaled = loss / n
             (self.scaler.scale(scaled) if self.scaler else scaled).backward()
             loss_sum += loss.detach().float()
         loss = all_reduce_mean(loss_sum / n, self.dist)
