@@ -8,8 +8,8 @@
 
 The data comes from ``python src/data/prepare_data.py`` (token files in data/). Each run gets a
 folder under runs/ with its config, a copy of the tokenizer, metrics.jsonl, loss.png,
-TensorBoard events and checkpoints (see src/training/checkpoint.py). The loop itself is in
-src/training/trainer.py, read top to bottom.
+TensorBoard events and checkpoints (see src/training/checkpoint.py). The set-up is in
+src/training/trainer.py and the loop itself in src/training/loop.py, each read top to bottom.
 """
 
 from __future__ import annotations

@@ -50,8 +50,8 @@ import torch.nn.functional as F
 
 from src.eval.perplexity import sliding_window_nll
 from src.model.gpt import GPT
+from src.training.batches import BatchLoader, open_tokens, read_meta  # the one import of the loader
 from src.training.config import TrainConfig
-from src.training.load import BatchLoader, open_tokens, read_meta  # the one import of the loader
 from src.training.observe import peak_flops
 from src.training.optim import build_optimizers, lr_at, set_lr
 from src.training.presets import PRESETS, model_config

@@ -5,9 +5,10 @@
     python bench/model.py --device cuda --presets gpt-60m,gpt-125m --dtypes bf16 --compile
 
 A row is (preset, dtype, batch x sequence). For each row both implementations run the same
-work: forward on random token ids, mean cross-entropy against random targets (for Llama,
-computed on its logits exactly as our model does), backward. No optimiser: this measures the
-model, not the training loop (bench/train.py does that). Llama uses its SDPA attention.
+work (bench/steps.py): forward on random token ids, mean cross-entropy against random targets
+(for Llama, computed on its logits exactly as our model does), backward. No optimiser: this
+measures the model, not the training loop (bench/train.py does that). Llama uses its SDPA
+attention.
 
   * tokens/s   batch * seq / seconds of the best of ``--steps`` timed steps after a warm-up
                (best, not mean: the 2 cores are shared with other work, and interruptions only
@@ -31,14 +32,13 @@ import platform
 import re
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root
 
 import torch
-import torch.nn.functional as F
 
+from bench.steps import IMPLS, make_step
 from src.model.gpt import GPT
 from src.training.presets import model_config
 from src.utils.atomic import write_json_atomic
@@ -54,7 +54,6 @@ SHAPES = {
     ("cuda", "bf16"): {"tiny": (64, 64), "small": (32, 256), "gpt-60m": (16, 1024),
                        "gpt-125m": (16, 1024)},
 }
-IMPLS = ("ours", "hf llama")
 PEAK_TFLOPS = {"NVIDIA H100": 989.0, "NVIDIA H200": 989.0, "NVIDIA A100": 312.0}  # dense bf16
 
 
@@ -63,47 +62,13 @@ def rss_kib(field: str) -> int:
     return int(re.search(rf"{field}:\s+(\d+)", Path("/proc/self/status").read_text()).group(1))
 
 
-def make_step(preset: str, impl: str, dtype: str, batch: int, seq: int, device: str,
+def warm_step(preset: str, impl: str, dtype: str, batch: int, seq: int, device: str,
               compile_: bool):
-    """A function running one forward+backward pass of ``impl`` and returning its seconds."""
-    torch.manual_seed(0)
-    cfg = model_config(preset)
-    if impl == "ours":
-        model = GPT(cfg).to(device)
-        step_model = torch.compile(model) if compile_ else model
-
-        def loss_fn(x, y):
-            return step_model(x, y)[1]
-    else:
-        from transformers import LlamaForCausalLM
-
-        from src.model.hf_llama import to_hf_config
-
-        hf_cfg = to_hf_config(cfg)
-        hf_cfg._attn_implementation = "sdpa"
-        model = LlamaForCausalLM(hf_cfg).to(device)
-        step_model = torch.compile(model) if compile_ else model
-
-        def loss_fn(x, y):
-            logits = step_model(input_ids=x).logits
-            return F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.reshape(-1))
-
-    model.train()
-    x = torch.randint(0, cfg.vocab_size, (batch, seq), device=device)
-    y = torch.randint(0, cfg.vocab_size, (batch, seq), device=device)
-    autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=dtype == "bf16")
-
-    def step() -> float:
-        t0 = time.perf_counter()
-        with autocast:
-            loss = loss_fn(x, y)
-        loss.backward()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        model.zero_grad(set_to_none=True)
-        return time.perf_counter() - t0
-
-    for _ in range(3 if compile_ else 1):  # warm-up (and compilation)
+    """One forward+backward pass of ``impl`` (bench/steps.py), warmed up (and compiled)."""
+    step, _ = make_step(model_config(preset), impl, batch=batch, seq=seq, device=device,
+                        autocast_dtype=torch.bfloat16 if dtype == "bf16" else None,
+                        compile_=compile_)
+    for _ in range(3 if compile_ else 1):
         step()
     return step
 
@@ -111,7 +76,7 @@ def make_step(preset: str, impl: str, dtype: str, batch: int, seq: int, device: 
 def time_row(args: argparse.Namespace, preset: str, dtype: str, batch: int, seq: int) -> dict:
     """Best tokens/s of each implementation, their steps interleaved in this process so that
     a burst of load from elsewhere hits both alike."""
-    steps = {impl: make_step(preset, impl, dtype, batch, seq, args.device, args.compile)
+    steps = {impl: warm_step(preset, impl, dtype, batch, seq, args.device, args.compile)
              for impl in IMPLS}
     best = dict.fromkeys(IMPLS, float("inf"))
     for i in range(args.steps):
@@ -123,7 +88,7 @@ def time_row(args: argparse.Namespace, preset: str, dtype: str, batch: int, seq:
 def worker(preset: str, impl: str, dtype: str, batch: int, seq: int, device: str,
            compile_: bool) -> dict:
     """Peak memory of one forward+backward pass of one implementation (own process)."""
-    step = make_step(preset, impl, dtype, batch, seq, device, compile_)
+    step = warm_step(preset, impl, dtype, batch, seq, device, compile_)
     gc.collect()
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()

@@ -12,7 +12,7 @@ For each preset, the same model shape (vocabulary 16,384) is trained a few steps
   * hf llama fp32 transformers' LlamaForCausalLM of the same shape, fp32, eager, torch AdamW,
                   cross-entropy on its logits: the plain loop a newcomer would write
 Every step is forward + backward + gradient clipping + optimiser step on random token ids
-(content does not change the cost of dense compute). The implementations of a preset are
+(content does not change the cost of dense compute), built by bench/steps.py. The implementations of a preset are
 timed in one process, alternating steps, so load from other processes hits them alike;
 tokens/s = batch * context / median step time, after ``--warmup`` untimed steps each. Peak
 memory (max RSS) is measured apart: each implementation in its own process, two steps. The machine's 2 cores are shared with other work: absolute numbers
@@ -34,9 +34,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root
 
 import torch
-import torch.nn.functional as F
 
-from src.model.gpt import GPT
+from bench.steps import make_step
 from src.training.presets import model_config
 from src.utils.atomic import write_json_atomic
 
@@ -45,65 +44,35 @@ SHAPES = {"tiny": (16, 64), "small": (16, 256), "gpt-60m": (2, 512), "gpt-125m":
 IMPLS = ("ours", "ours+compile", "ours bf16", "hf llama fp32")
 
 
-def make_step(preset: str, impl: str):
-    """A function doing one training step of ``impl`` on a fresh random batch, and its facts."""
-    torch.manual_seed(0)
+def build(preset: str, impl: str):
+    """One training step of ``impl`` (bench/steps.py) at this preset's shape, and its facts."""
     batch, context = SHAPES[preset]
     cfg = model_config(preset, vocab_size=16384, context_length=context)
-    use_bf16 = False
-    if impl.startswith("hf"):
-        from transformers import LlamaForCausalLM
-
-        from src.model.hf_llama import to_hf_config
-
-        model = LlamaForCausalLM(to_hf_config(cfg))
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1)
-
-        def loss_fn(x, y):
-            logits = model(input_ids=x).logits
-            return F.cross_entropy(logits.view(-1, logits.size(-1)), y.reshape(-1))
-    else:
+    dtype = None
+    if impl.startswith("ours"):
         from src.utils.device import pick_dtype
 
-        model = GPT(cfg)
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, fused=True)
-        fwd = torch.compile(model) if impl == "ours+compile" else model
         dtype = torch.bfloat16 if impl == "ours bf16" else pick_dtype("auto", torch.device("cpu"))
-        use_bf16 = dtype == torch.bfloat16
-
-        def loss_fn(x, y):
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_bf16):
-                return fwd(x, y)[1]
-
-    model.train()
-
-    def step() -> float:
-        ids = torch.randint(0, cfg.vocab_size, (batch, context + 1))
-        loss = loss_fn(ids[:, :-1], ids[:, 1:])
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return float(loss.detach())
-
-    facts = {"preset": preset, "impl": impl, "dtype": "bf16" if use_bf16 else "fp32", "batch": batch,
-             "context": context, "params_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 2)}
+    step, model = make_step(cfg, "hf llama" if impl.startswith("hf") else "ours", batch=batch,
+                            seq=context, autocast_dtype=dtype, compile_=impl == "ours+compile",
+                            optimizer=True)
+    facts = {"preset": preset, "impl": impl, "dtype": "bf16" if dtype == torch.bfloat16 else "fp32",
+             "batch": batch, "context": context,
+             "params_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 2)}
     return step, facts
 
 
 def interleaved(preset: str, impls: list[str], steps: int, warmup: int) -> list[dict]:
     """Time all implementations in one process, alternating steps, so that load from other
     processes on the shared cores hits them alike; tokens/s from the median step time."""
-    built = {impl: make_step(preset, impl) for impl in impls}
+    built = {impl: build(preset, impl) for impl in impls}
     for step, _ in built.values():
         for _ in range(warmup):
             step()
     times: dict[str, list[float]] = {impl: [] for impl in impls}
     for _ in range(steps):
         for impl, (step, _) in built.items():
-            t0 = time.perf_counter()
-            step()
-            times[impl].append(time.perf_counter() - t0)
+            times[impl].append(step())
     rows = []
     for impl, (_, facts) in built.items():
         median = statistics.median(times[impl])
@@ -114,7 +83,7 @@ def interleaved(preset: str, impls: list[str], steps: int, warmup: int) -> list[
 
 def peak_memory(preset: str, impl: str) -> float:
     """Peak RSS (MB) of a fresh process doing two training steps of ``impl``."""
-    step, _ = make_step(preset, impl)
+    step, _ = build(preset, impl)
     step()
     step()
     # VmHWM, not ru_maxrss: the latter would include the parent's RSS inherited at fork.

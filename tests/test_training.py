@@ -25,9 +25,11 @@ from src.training.config import (
     make_config,
     resolve_config,
 )
+from src.training.loop import NonFiniteLoss
 from src.training.optim import build_optimizers, lr_at
-from src.training.presets import PRESETS
-from src.training.trainer import BUDGET_RESERVE, NonFiniteLoss, plan_steps, train
+from src.training.presets import PRESETS, model_config
+from src.training.time_budget import BUDGET_RESERVE, plan_steps
+from src.training.trainer import train
 from src.utils.cli import UserError
 from tests.fixtures import make_token_data, tiny_config
 
@@ -217,18 +219,18 @@ def test_time_budget_plans_steps():
 
 def test_time_budget_replans_at_evaluations(data_dir, tmp_path, monkeypatch):
     # A fake clock: the first 6 steps take 10 s each (compilation, a busy machine), the rest 1 s.
-    from src.training import trainer
+    from src.training import loop
 
     clock = {"now": 1000.0, "steps": 0}
-    real_set_lr = trainer.set_lr
+    real_set_lr = loop.set_lr
 
     def timed_set_lr(optimizers, lr):  # called once at the start of every step
         clock["now"] += 10.0 if clock["steps"] < 6 else 1.0
         clock["steps"] += 1
         real_set_lr(optimizers, lr)
 
-    monkeypatch.setattr(trainer, "set_lr", timed_set_lr)
-    monkeypatch.setattr(trainer, "time", SimpleNamespace(time=lambda: clock["now"]))
+    monkeypatch.setattr(loop, "set_lr", timed_set_lr)
+    monkeypatch.setattr(loop, "time", SimpleNamespace(time=lambda: clock["now"]))
     res = train(tiny_config(data_dir, tmp_path / "r", max_steps=1000, time_budget=3.0, eval_interval=5))
     # Of 180 s, 180 * (1 - BUDGET_RESERVE) are planned for (172.8 s). Calibration (steps 2-6, 10 s
     # each, 60 s spent) plans 6 + (172.8 - 60) // 10 = 17 steps; the evaluation at step 10 sees
@@ -243,6 +245,71 @@ def test_time_budget_in_the_loop(data_dir, tmp_path):
     res = train(tiny_config(data_dir, tmp_path / "t", max_steps=12, time_budget=1000.0, eval_interval=100))
     assert res["step"] == res["max_steps"] == 12
     assert reader.read_state(reader.latest_checkpoint(tmp_path / "t"))["planned_steps"] == 12
+
+
+class MaskedBatches:
+    """A BatchSource as a fine-tuning stage would supply: each step one micro-batch whose loss
+    mask scores only the second half of every row; its position is the steps taken."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor) -> None:
+        self.batch, self.steps = (x, y, mask), 0
+        self.tokens_per_step = x.numel()
+
+    @property
+    def epoch(self) -> float:
+        return float(self.steps)
+
+    def next_batch(self):
+        self.steps += 1
+        return [self.batch]
+
+    def state_dict(self):
+        return {"steps": self.steps}
+
+    def load_state_dict(self, state):
+        self.steps = state["steps"]
+
+
+def test_loop_trains_on_any_batch_source_with_a_loss_mask(tmp_path):
+    from src.model.gpt import GPT
+    from src.training.loop import TrainLoop
+
+    torch.manual_seed(0)
+    model = GPT(model_config("tiny", vocab_size=300))
+    ids = torch.randint(0, 300, (2, 65))
+    x, y = ids[:, :-1], ids[:, 1:]
+    mask = torch.zeros_like(y, dtype=torch.bool)
+    mask[:, 32:] = True
+    with torch.no_grad():
+        masked = float(model(x, y.masked_fill(~mask, -1))[1])
+        unmasked = float(model(x, y)[1])
+    assert masked != pytest.approx(unmasked, abs=1e-3)  # the mask matters for this batch
+
+    run = tmp_path / "r"
+    run.mkdir()
+    cfg = make_config(dict(preset="tiny", run_dir=str(run), max_steps=3, eval_interval=100,
+                           warmup_steps=0, device="cpu", dtype="fp32", progress=False,
+                           tensorboard=False, plot=False))
+
+    def make_loop(model, batches, resume_state=None):
+        optimizers = build_optimizers(model, cfg)
+        if resume_state is not None:
+            resume_state = ck.load_checkpoint(resume_state, model, optimizers)
+        return TrainLoop(cfg, model=model, raw_model=model, optimizers=optimizers,
+                         batches=batches, evaluate=lambda: {"val_loss": 1.5}, eval_tokens=0,
+                         device=torch.device("cpu"), resume_state=resume_state)
+
+    loop = make_loop(model, MaskedBatches(x, y, mask))
+    assert loop.run() == "finished" and loop.step == 3
+    records = read_metrics(run)
+    assert train_losses(run)[0] == (1, pytest.approx(masked, abs=1e-6))
+    assert [r["step"] for r in records if "val_loss" in r] == [3]  # evaluated at the end
+    latest = reader.latest_checkpoint(run)
+    assert reader.read_state(latest)["loader"] == {"steps": 3}
+    # Resuming restores the source's position and the loop's step.
+    batches = MaskedBatches(x, y, mask)
+    resumed = make_loop(GPT(model_config("tiny", vocab_size=300)), batches, latest)
+    assert (resumed.step, batches.steps) == (3, 3)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -2,7 +2,7 @@
 
 ``torchrun --nproc_per_node=N train.py ...`` sets RANK / WORLD_SIZE / LOCAL_RANK; we join the
 process group (NCCL on CUDA, gloo on CPU) and wrap the model. The model file knows nothing of
-this. Each rank reads its own share of every global batch (src/training/load.py), so N ranks
+this. Each rank reads its own share of every global batch (src/training/batches.py), so N ranks
 with micro-batch B train exactly like one process with micro-batch N*B.
 """
 
@@ -123,3 +123,16 @@ def any_rank(flag: bool, info: DistInfo, device: torch.device) -> bool:
     t = torch.tensor([1.0 if flag else 0.0], device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item() > 0)
+
+
+def check_ranks_in_sync(model: nn.Module, device: torch.device) -> float:
+    """DDP replicas must hold identical weights: compare a checksum over ranks (at each checkpoint)
+    and raise if they drifted apart. Returns the checksum. Collective: every rank calls it."""
+    with torch.no_grad():
+        total = sum(p.detach().double().sum() for p in model.parameters()).to(device)
+    lo, hi = total.clone(), total.clone()
+    dist.all_reduce(lo, op=dist.ReduceOp.MIN)
+    dist.all_reduce(hi, op=dist.ReduceOp.MAX)
+    if lo.item() != hi.item():
+        raise RuntimeError(f"data-parallel ranks out of sync: weight checksums {lo.item()!r} .. {hi.item()!r}")
+    return float(total)

@@ -6,6 +6,8 @@
   checkpoint's step (written before a crash) are dropped so the file tells one consistent story.
 * TensorBoard event files in ``<run>/tensorboard`` when the package is installed.
 * ``loss.png``: training and validation loss against step, redrawn at each evaluation.
+
+:class:`RunLog` puts them together for the training loop.
 """
 
 from __future__ import annotations
@@ -138,8 +140,67 @@ def progress_bar(total: int | None, initial: int, enabled: bool) -> tqdm:
                 file=sys.stderr, mininterval=0.5, smoothing=0.1)
 
 
+def format_evaluation(step: int, result: dict[str, float], is_best: bool) -> str:
+    """The line an evaluation prints: loss, and perplexity and bits per byte when measured."""
+    text = f"step {step}: val loss {result['val_loss']:.4f}"
+    if "val_ppl" in result:
+        text += f", ppl {result['val_ppl']:.2f}"
+    if "val_bpb" in result:
+        text += f", {result['val_bpb']:.4f} bits/byte"
+    return text + (" (best)" if is_best else "")
+
+
 def format_postfix(loss: float, lr: float, tokens_per_s: float, mfu: float | None) -> str:
     text = f"loss {loss:.4f} lr {lr:.2e} {tokens_per_s:,.0f} tok/s"
     if mfu is not None:
         text += f" mfu {100 * mfu:.1f}%"
     return text
+
+
+class RunLog:
+    """What the training loop shows and records: each step and evaluation goes to
+    metrics.jsonl and TensorBoard, each evaluation redraws the loss plot (on the main process
+    only), and the progress bar shows steps, tokens/s and the ETA.
+
+    ``resume_step``: the step a resumed run continues from (later lines of metrics.jsonl are
+    dropped), None for a fresh run. ``total``: steps planned (None: not known yet, no ETA).
+    """
+
+    def __init__(self, run_dir: Path, *, main: bool, resume_step: int | None, total: int | None,
+                 initial: int, progress: bool, tensorboard: bool, plot: bool, title: str) -> None:
+        self.main = main
+        self.metrics = MetricsLog(run_dir / "metrics.jsonl", resume_step) if main else None
+        self.tensorboard = TensorBoard(run_dir / "tensorboard", tensorboard and main)
+        self.plot_path = run_dir / "loss.png" if plot and main else None
+        self.title = title
+        self.bar = progress_bar(total, initial, progress and main)
+
+    def step(self, record: dict[str, Any], postfix: str) -> None:
+        self._record(record)
+        self.bar.update(1)
+        self.bar.set_postfix_str(postfix, refresh=False)
+
+    def evaluation(self, record: dict[str, Any], summary: str) -> None:
+        self._record(record)
+        if self.plot_path is not None:
+            plot_losses(self.metrics.records, self.plot_path, title=self.title)
+        self.message(summary)
+
+    def message(self, text: str) -> None:
+        """A line above the progress bar (main process only)."""
+        if self.main:
+            self.bar.write(text)
+
+    def _record(self, record: dict[str, Any]) -> None:
+        if self.metrics is not None:
+            self.metrics.log(record)
+        self.tensorboard.log(record)
+
+    def __enter__(self) -> RunLog:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.bar.close()
+        if self.metrics is not None:
+            self.metrics.close()
+        self.tensorboard.close()

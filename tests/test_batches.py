@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from src.training.load import BatchLoader, open_tokens, read_meta
+from src.training.batches import BatchLoader, open_tokens, read_meta
 from src.utils.cli import UserError
 
 T = 8

@@ -1,5 +1,8 @@
 """Training batches from the token files, in a deterministic order that survives a restart.
 
+The training loop (src/training/loop.py) reads any :class:`BatchSource`; :class:`BatchLoader`
+is the one for pretraining on ``train.bin``, described here.
+
 ``train.bin`` is a flat array of token ids (see meta.json for its dtype), memory-mapped so a
 corpus larger than RAM costs nothing to open. Training reads windows of ``context_length + 1``
 tokens: the input is the first ``T`` tokens, the target the same shifted by one.
@@ -20,7 +23,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -28,6 +31,46 @@ import torch
 from src.utils.cli import UserError
 
 DTYPES = {"uint16": np.uint16, "uint32": np.uint32}
+IGNORE_INDEX = -1  # a target the model's loss skips (the ignore_index of GPT.forward)
+
+# A micro-batch: inputs and targets, int64 tensors of shape (batch, T), optionally followed by a
+# boolean loss mask of the same shape (False: that target is not scored, e.g. a user's turn
+# of a conversation during fine-tuning).
+MicroBatch = tuple[torch.Tensor, ...]
+
+
+class BatchSource(Protocol):
+    """Where the training loop gets its data. Contract:
+
+    * ``next_batch()``: this process's micro-batches of the next optimiser step (gradient
+      accumulation runs over them), advancing the position;
+    * ``state_dict()`` / ``load_state_dict()``: that position as JSON-able values, saved in
+      every checkpoint and restored on resume, so a resumed run reads exactly what an
+      uninterrupted one would have;
+    * ``tokens_per_step``: input tokens per optimiser step over all processes;
+    * ``epoch``: passes over the data so far (fractional), for the metrics.
+    """
+
+    @property
+    def tokens_per_step(self) -> int: ...
+
+    @property
+    def epoch(self) -> float: ...
+
+    def next_batch(self) -> list[MicroBatch]: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+def scored_targets(batch: MicroBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(inputs, targets)`` of a micro-batch, a loss mask folded into the targets
+    (IGNORE_INDEX where the mask is False)."""
+    inputs, targets, *mask = batch
+    if mask:
+        targets = targets.masked_fill(~mask[0], IGNORE_INDEX)
+    return inputs, targets
 
 
 def read_meta(data_dir: str | Path) -> dict[str, Any]:
@@ -71,7 +114,8 @@ def open_tokens(data_dir: str | Path, split: str, meta: dict[str, Any] | None = 
 
 
 class BatchLoader:
-    """Deterministic (input, target) batches for one process of a (possibly distributed) run.
+    """Deterministic (input, target) batches for one process of a (possibly distributed) run:
+    the pretraining :class:`BatchSource`.
 
     Contract: ``next_batch()`` returns the ``grad_accum`` micro-batches of the next optimiser
     step for this rank, each a pair of int64 tensors of shape (batch_size, context_length),
@@ -110,6 +154,11 @@ class BatchLoader:
     def global_batch(self) -> int:
         """Samples consumed per optimiser step, over all processes."""
         return self.batch_size * self.grad_accum * self.world_size
+
+    @property
+    def tokens_per_step(self) -> int:
+        """Input tokens per optimiser step, over all processes."""
+        return self.global_batch * self.T
 
     @property
     def epoch(self) -> float:
