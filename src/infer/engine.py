@@ -1,0 +1,349 @@
+"""Continuous batching: many generation requests share the model's forward passes.
+
+The engine holds ``max_batch`` slots of a ``SlotKVCache`` (one per sequence being generated)
+and a queue of waiting requests. Each ``step``:
+
+1. retires cancelled requests (a client that went away frees its slot here, within a step);
+2. admits waiting requests into free slots: each one's prompt is run through the model
+   alone ("prefill", interleaved between decode steps) and its first token is sampled;
+3. runs ONE batched forward pass that feeds every active sequence its newest token, each
+   at its own position, and samples each sequence's next token.
+
+A sequence ends at a stop token, a stop string or ``max_new_tokens``; its slot is free for
+the next waiting request in the same step. Text goes out through the request's callback,
+decoded by the tokenizer's ``StreamingDecoder`` (a piece never ends inside a UTF-8
+character) and held back by a ``StopStringFilter`` (never any part of a stop string).
+
+Isolation. Every request samples with its own settings and its own ``torch.Generator``
+(seeded from its ``seed``), one row at a time; rows only share the matrix products of the
+forward pass. So a request with a seed gives the same text alone or in a full batch (up to
+floating-point differences between batch shapes, which do not change a draw in practice).
+
+The engine is a library: no HTTP here. ``start()`` runs ``step`` in a background thread
+(``submit`` from any thread); without it, call ``step`` yourself. ``generate`` is the
+one-call synchronous form.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+from src.data.bpe import StreamingDecoder
+from src.infer.sampling import SamplingSettings, StopStringFilter, sample_next, undecodable_ids
+
+FinishReason = Literal["stop", "length", "shutdown"]
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """One sequence to generate. ``stop_ids`` end it (not included in the text); so does a
+    stop string (the text is cut before it). ``seed=None`` draws a random seed."""
+
+    prompt_ids: Sequence[int]
+    settings: SamplingSettings
+    seed: int | None = None
+    stop_ids: Sequence[int] = ()
+    stop_strings: Sequence[str] = ()
+
+
+@dataclass(frozen=True)
+class Update:
+    """What one step produced for a request: new ``text`` (may be empty on the last update),
+    the number of tokens generated so far, and on the last update why it ended: "stop" (a
+    stop token or string), "length" (``max_new_tokens``) or "shutdown" (the engine stopped)."""
+
+    text: str
+    completion_tokens: int
+    finish_reason: FinishReason | None = None
+
+
+class QueueFullError(RuntimeError):
+    """Raised by ``submit`` when the waiting queue has no room for the requests."""
+
+
+class RequestHandle:
+    """Lets the submitter cancel a request: it gets no more updates and its slot is freed at
+    the engine's next step."""
+
+    def __init__(self) -> None:
+        self.cancelled = False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+@dataclass
+class _Sequence:
+    """A request being generated (engine-internal state)."""
+
+    request: GenerationRequest
+    handle: RequestHandle
+    on_update: Callable[[Update], None]
+    generator: torch.Generator
+    decoder: StreamingDecoder
+    stops: StopStringFilter
+    seen: torch.Tensor | None = None  # (1, vocab) bool, for the repetition penalty
+    counts: torch.Tensor | None = None  # (1, vocab), for frequency/presence penalties
+    slot: int = -1
+    last_token: int = -1
+    generated: int = 0
+    done: bool = False
+
+
+@dataclass
+class Result:
+    """A finished generation (from ``Engine.generate``)."""
+
+    text: str
+    finish_reason: FinishReason
+    completion_tokens: int
+    pieces: list[str] = field(default_factory=list)
+
+
+class Engine:
+    """Continuous-batching text generation with one model (see the module docstring).
+
+    ``max_batch`` sequences are decoded together; up to ``max_queue`` more wait for a slot.
+    A prompt plus its ``max_new_tokens`` must fit in the model's context.
+    """
+
+    def __init__(self, model: torch.nn.Module, tokenizer, *, max_batch: int = 8,
+                 max_queue: int = 64) -> None:
+        if max_batch < 1 or max_queue < 0:
+            raise ValueError(f"need max_batch >= 1 and max_queue >= 0, got {max_batch}, "
+                             f"{max_queue}")
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.max_batch = max_batch
+        self.max_queue = max_queue
+        self.context_length = int(model.config.context_length)
+        self.device = next(model.parameters()).device
+        self.cache = model.new_slot_kv_cache(max_batch)
+        vocab = model.config.vocab_size
+        # Ids that are no token (unassigned reserved ids): an untrained model could draw them.
+        self._banned = torch.zeros(vocab, dtype=torch.bool, device=self.device)
+        self._banned[undecodable_ids(tokenizer, vocab)] = True
+        self._free_slots = list(range(max_batch - 1, -1, -1))  # pop() gives slot 0 first
+        self._active: dict[int, _Sequence] = {}  # slot -> sequence; engine thread only
+        self._waiting: deque[_Sequence] = deque()  # guarded by _cond
+        self._cond = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+
+    # ------------------------------------------------------------------ submitting
+
+    def check_fits(self, prompt_tokens: int, max_new_tokens: int) -> None:
+        """ValueError unless a prompt of that length plus that many new tokens fits the
+        context (and the prompt is not empty)."""
+        if prompt_tokens < 1:
+            raise ValueError("the prompt must have at least one token")
+        if prompt_tokens + max_new_tokens > self.context_length:
+            raise ValueError(
+                f"the context is {self.context_length} tokens, but {prompt_tokens + max_new_tokens}"
+                f" were requested ({prompt_tokens} in the prompt, {max_new_tokens} to generate)")
+
+    def submit(self, requests: Sequence[GenerationRequest],
+               on_update: Callable[[int, Update], None]) -> list[RequestHandle]:
+        """Queue ``requests`` (all or none); ``on_update(i, update)`` then receives request
+        i's updates, from the engine's thread: it must be quick and must not block. Raises
+        ``QueueFullError`` when they do not fit in the queue, ``ValueError`` for a request
+        that does not fit the context, ``RuntimeError`` once the engine is shut down."""
+        for r in requests:
+            self.check_fits(len(r.prompt_ids), r.settings.max_new_tokens)
+        sequences = [self._new_sequence(r, i, on_update) for i, r in enumerate(requests)]
+        with self._cond:
+            if self._stopping:
+                raise RuntimeError("the engine is shut down")
+            if len(self._waiting) + len(sequences) > self.max_queue + self._idle_slots():
+                raise QueueFullError(f"the queue is full ({self.max_queue} waiting requests)")
+            self._waiting.extend(sequences)
+            self._cond.notify()
+        return [s.handle for s in sequences]
+
+    def _idle_slots(self) -> int:
+        # Requests that will get a slot at the next step do not really wait. Read without
+        # the engine thread's lock: at worst one step stale, which only shifts the limit.
+        return len(self._free_slots)
+
+    def _new_sequence(self, request: GenerationRequest, index: int,
+                      on_update: Callable[[int, Update], None]) -> _Sequence:
+        generator = torch.Generator(device=self.device)
+        if request.seed is None:
+            generator.seed()
+        else:
+            generator.manual_seed(request.seed)
+        vocab = self.model.config.vocab_size
+        settings = request.settings
+        seq = _Sequence(
+            request=request, handle=RequestHandle(),
+            on_update=lambda update: on_update(index, update), generator=generator,
+            decoder=StreamingDecoder(self.tokenizer), stops=StopStringFilter(request.stop_strings))
+        if settings.repetition_penalty != 1.0:
+            seq.seen = torch.zeros(1, vocab, dtype=torch.bool, device=self.device)
+            seq.seen[0, list(request.prompt_ids)] = True
+            # A stop token is in every chat prompt; penalising it would make replies run on.
+            seq.seen[0, list(request.stop_ids)] = False
+        if settings.frequency_penalty or settings.presence_penalty:
+            seq.counts = torch.zeros(1, vocab, device=self.device)
+        return seq
+
+    # ------------------------------------------------------------------ one step
+
+    @torch.inference_mode()
+    def step(self) -> bool:
+        """Retire cancelled requests, admit waiting ones (prefill), then one batched decode
+        step. Returns False when there was nothing to do."""
+        for slot in [s for s, seq in self._active.items() if seq.handle.cancelled]:
+            self._release(self._active.pop(slot))
+        admitted = []
+        with self._cond:
+            while self._waiting and self._free_slots:
+                seq = self._waiting.popleft()
+                if not seq.handle.cancelled:
+                    seq.slot = self._free_slots.pop()
+                    admitted.append(seq)
+        if not admitted and not self._active:
+            return False
+        for seq in admitted:
+            self._active[seq.slot] = seq
+            prompt = torch.tensor([list(seq.request.prompt_ids)], device=self.device)
+            logits = self.model(prompt, cache=self.cache, slots=self._slots([seq.slot]))
+            self._advance(seq, logits[0, -1])
+        if self._active:
+            slots = sorted(self._active)
+            last = [[self._active[s].last_token] for s in slots]
+            logits = self.model(torch.tensor(last, device=self.device), cache=self.cache,
+                                slots=self._slots(slots))
+            for row, slot in enumerate(slots):
+                self._advance(self._active[slot], logits[row, -1])
+        return True
+
+    def _slots(self, slots: list[int]) -> torch.Tensor:
+        return torch.tensor(slots, dtype=torch.long, device=self.device)
+
+    def _advance(self, seq: _Sequence, logits: torch.Tensor) -> None:
+        """Sample the sequence's next token from its logits (vocab,), stream its text, and
+        retire it if it has ended."""
+        if seq.handle.cancelled:
+            self._release(self._active.pop(seq.slot))
+            return
+        settings = seq.request.settings
+        logits = logits[None].masked_fill(self._banned, float("-inf"))
+        token = int(sample_next(logits, settings, seq.generator, seq.seen, seq.counts)[0])
+        seq.generated += 1
+        if seq.seen is not None and token not in seq.request.stop_ids:
+            seq.seen[0, token] = True
+        if seq.counts is not None:
+            seq.counts[0, token] += 1
+        if token in seq.request.stop_ids:
+            self._finish(seq, "stop")
+            return
+        seq.last_token = token
+        text = seq.stops.feed(seq.decoder.feed(token))
+        if seq.stops.stopped:
+            self._finish(seq, "stop", text)
+        elif seq.generated == settings.max_new_tokens:
+            self._finish(seq, "length", text)
+        elif text:
+            self._emit(seq, Update(text, seq.generated))
+
+    def _finish(self, seq: _Sequence, reason: FinishReason, text: str = "") -> None:
+        if not seq.stops.stopped:  # the rest: an unfinished character, held-back text
+            text += seq.stops.feed(seq.decoder.flush())
+            text += seq.stops.flush()
+            if seq.stops.stopped:
+                reason = "stop"
+        self._emit(seq, Update(text, seq.generated, reason))
+        self._release(self._active.pop(seq.slot))
+
+    def _emit(self, seq: _Sequence, update: Update) -> None:
+        try:
+            seq.on_update(update)
+        except Exception:  # noqa: BLE001 - a failing consumer must not stop the others
+            seq.handle.cancel()
+
+    def _release(self, seq: _Sequence) -> None:
+        seq.done = True
+        self.cache.free(seq.slot)
+        self._free_slots.append(seq.slot)
+
+    # ------------------------------------------------------------------ running
+
+    def start(self) -> None:
+        """Run ``step`` in a background thread until ``shutdown``."""
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
+            self._thread.start()
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while not self._stopping and not self._waiting and not self._active:
+                    self._cond.wait()
+                if self._stopping:
+                    break
+            self.step()
+        self._end_all()
+
+    def _end_all(self) -> None:
+        """Give every active and waiting request its last update ("shutdown")."""
+        with self._cond:
+            waiting, self._waiting = list(self._waiting), deque()
+        for seq in [*self._active.values(), *waiting]:
+            if not seq.handle.cancelled:
+                text = seq.stops.feed(seq.decoder.flush()) + seq.stops.flush()
+                self._emit(seq, Update(text, seq.generated, "shutdown"))
+        for slot in list(self._active):
+            self._release(self._active.pop(slot))
+
+    def shutdown(self, timeout: float | None = 10.0) -> None:
+        """Stop: every request still running or waiting gets a last update with
+        ``finish_reason="shutdown"``; later ``submit`` calls raise RuntimeError."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+        if self._thread is not None:
+            self._thread.join(timeout)
+        else:
+            self._end_all()
+
+    @property
+    def load(self) -> tuple[int, int]:
+        """(sequences being generated, requests waiting), for health reports."""
+        return len(self._active), len(self._waiting)
+
+    def generate(self, request: GenerationRequest,
+                 on_text: Callable[[str], None] | None = None) -> Result:
+        """Generate one request to the end and return it; ``on_text`` gets the text as it is
+        decoded. Uses the background thread if started, else steps the engine here."""
+        result = Result("", "length", 0)
+        finished = threading.Event()
+
+        def collect(_: int, update: Update) -> None:
+            if update.text:
+                result.pieces.append(update.text)
+                if on_text:
+                    on_text(update.text)
+            result.completion_tokens = update.completion_tokens
+            if update.finish_reason:
+                result.finish_reason = update.finish_reason
+                finished.set()
+
+        [handle] = self.submit([request], collect)
+        try:
+            while not finished.is_set():
+                if self._thread is None:
+                    self.step()
+                else:
+                    finished.wait(0.1)
+        finally:
+            if not finished.is_set():
+                handle.cancel()
+        result.text = "".join(result.pieces)
+        return result
