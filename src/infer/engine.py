@@ -314,6 +314,11 @@ class Engine:
             self._end_all()
 
     @property
+    def stopping(self) -> bool:
+        """True once ``shutdown`` was called."""
+        return self._stopping
+
+    @property
     def load(self) -> tuple[int, int]:
         """(sequences being generated, requests waiting), for health reports."""
         return len(self._active), len(self._waiting)
