@@ -50,7 +50,7 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-class _Server(uvicorn.Server):
+class Server(uvicorn.Server):
     """uvicorn, plus: print the addresses once listening, stop the engine on the first
     Ctrl-C / SIGTERM so that the streams in flight end (instead of being waited for)."""
 
@@ -96,7 +96,7 @@ def serve(options: ServeOptions) -> int:
           f"{next(model.parameters()).device}, batch {options.max_batch})", flush=True)
     engine.start()
     try:
-        _Server(config, engine).run()
+        Server(config, engine).run()
     finally:
         engine.shutdown()
     return 0
