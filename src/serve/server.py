@@ -7,6 +7,7 @@ connections (waiting at most ``GRACEFUL_SECONDS``) and the process exits.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import os
 import socket
@@ -67,6 +68,14 @@ class Server(uvicorn.Server):
             print(f"Chat page: http://{shown}:{port}/\nAPI base:  http://{shown}:{port}/v1 "
                   "(Ctrl-C stops)", flush=True)
 
+    @contextlib.contextmanager
+    def capture_signals(self):
+        with super().capture_signals():
+            yield
+            # uvicorn re-raises the stopping signal once it has shut down, so the process
+            # would die of it (exit -15, or a KeyboardInterrupt). Ours stopped cleanly: exit 0.
+            self._captured_signals.clear()
+
     def handle_exit(self, sig, frame) -> None:
         # In a signal handler: the engine's shutdown takes its lock, so not here.
         threading.Thread(target=self.engine.shutdown, daemon=True).start()
@@ -99,4 +108,5 @@ def serve(options: ServeOptions) -> int:
         Server(config, engine).run()
     finally:
         engine.shutdown()
+    print("Stopped.", flush=True)
     return 0
