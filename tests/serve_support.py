@@ -34,6 +34,13 @@ def scripted_tokenizer() -> BPETokenizer:
     return BPETokenizer.train([words] * 20 + ["Hello there, how are you?"] * 5, 300)
 
 
+def scripted_text(tokens: int) -> str:
+    """What the scripted model replies in ``tokens`` tokens (a character cut by the end of
+    the reply shows as U+FFFD, as the tokenizer decodes it)."""
+    tok = scripted_tokenizer()
+    return tok.decode(tok.encode(SCRIPT_REPLY + LOOP * tokens)[:tokens])
+
+
 def scripted_model(tokenizer: BPETokenizer, context_length: int = 2048) -> GPT:
     """The GPT described in the module docstring (tiny preset shape, untied head)."""
     config = GPTConfig.from_preset("tiny", vocab_size=tokenizer.vocab_size,

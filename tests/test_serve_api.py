@@ -31,9 +31,9 @@ from src.serve.loading import load_served_model
 from tests.fixtures import make_tiny_run
 from tests.serve_support import (
     LOOP,
-    SCRIPT_REPLY,
     running_server,
     scripted_model,
+    scripted_text,
     scripted_tokenizer,
 )
 
@@ -91,13 +91,6 @@ def get(server, path: str, key: str | None = KEY):
             return response.status, json.loads(response.read())
     except urllib.error.HTTPError as error:
         return error.code, json.loads(error.read())
-
-
-def scripted_text(tokens: int) -> str:
-    """What the scripted model says in ``tokens`` tokens (a character cut by the end of the
-    reply shows as U+FFFD, as the tokenizer decodes it)."""
-    tok = scripted_tokenizer()
-    return tok.decode(tok.encode(SCRIPT_REPLY + LOOP * tokens)[:tokens])
 
 
 def stream_raw(server, body: dict) -> http.client.HTTPResponse:
