@@ -14,10 +14,11 @@ the next waiting request in the same step. Text goes out through the request's c
 decoded by the tokenizer's ``StreamingDecoder`` (a piece never ends inside a UTF-8
 character) and held back by a ``StopStringFilter`` (never any part of a stop string).
 
-Isolation. Every request samples with its own settings and its own ``torch.Generator``
-(seeded from its ``seed``), one row at a time; rows only share the matrix products of the
-forward pass. So a request with a seed gives the same text alone or in a full batch (up to
-floating-point differences between batch shapes, which do not change a draw in practice).
+Isolation. Every request samples with its own settings (the sampler's ``process_logits``,
+batched over the rows that share settings) and its own ``torch.Generator`` (seeded from its
+``seed``): each draw is one uniform number from the request's generator. So a request with
+a seed gives the same text alone or in a full batch (up to floating-point differences
+between batch shapes, which do not change a draw in practice).
 
 The engine is a library: no HTTP here. ``start()`` runs ``step`` in a background thread
 (``submit`` from any thread); without it, call ``step`` yourself. ``generate`` is the
@@ -35,7 +36,12 @@ from typing import Literal
 import torch
 
 from src.data.bpe import StreamingDecoder
-from src.infer.sampling import SamplingSettings, StopStringFilter, sample_next, undecodable_ids
+from src.infer.sampling import (
+    SamplingSettings,
+    StopStringFilter,
+    process_logits,
+    undecodable_ids,
+)
 
 FinishReason = Literal["stop", "length", "shutdown"]
 
@@ -214,28 +220,57 @@ class Engine:
             self._active[seq.slot] = seq
             prompt = torch.tensor([list(seq.request.prompt_ids)], device=self.device)
             logits = self.model(prompt, cache=self.cache, slots=self._slots([seq.slot]))
-            self._advance(seq, logits[0, -1])
+            self._advance(seq, self._sample([seq], logits[:, -1])[0])
         if self._active:
             slots = sorted(self._active)
-            last = [[self._active[s].last_token] for s in slots]
-            logits = self.model(torch.tensor(last, device=self.device), cache=self.cache,
-                                slots=self._slots(slots))
-            for row, slot in enumerate(slots):
-                self._advance(self._active[slot], logits[row, -1])
+            seqs = [self._active[s] for s in slots]
+            last = torch.tensor([[seq.last_token] for seq in seqs], device=self.device)
+            logits = self.model(last, cache=self.cache, slots=self._slots(slots))
+            for seq, token in zip(seqs, self._sample(seqs, logits[:, -1])):
+                self._advance(seq, token)
         return True
 
     def _slots(self, slots: list[int]) -> torch.Tensor:
         return torch.tensor(slots, dtype=torch.long, device=self.device)
 
-    def _advance(self, seq: _Sequence, logits: torch.Tensor) -> None:
-        """Sample the sequence's next token from its logits (vocab,), stream its text, and
-        retire it if it has ended."""
+    def _sample(self, seqs: list[_Sequence], logits: torch.Tensor) -> list[int]:
+        """The next token of each sequence from its row of ``logits`` (len(seqs), vocab).
+
+        Rows with equal settings go through ``process_logits`` together (one batched call),
+        but each row's draw is one uniform number from its own generator, turned into a
+        token through the row's cumulative distribution: no draw depends on another row.
+        """
+        logits = logits.masked_fill(self._banned, float("-inf"))
+        tokens = [0] * len(seqs)
+        groups: dict[SamplingSettings, list[int]] = {}
+        for row, seq in enumerate(seqs):
+            groups.setdefault(seq.request.settings, []).append(row)
+        for settings, rows in groups.items():
+            seen = counts = None
+            if settings.repetition_penalty != 1.0:
+                seen = torch.cat([seqs[r].seen for r in rows])
+            if settings.frequency_penalty or settings.presence_penalty:
+                counts = torch.cat([seqs[r].counts for r in rows])
+            group = logits[torch.tensor(rows, device=self.device)]
+            processed = process_logits(group, settings, seen, counts)
+            if settings.is_greedy:
+                chosen = processed.argmax(dim=-1)
+            else:
+                cdf = torch.softmax(processed, dim=-1).cumsum(dim=-1)
+                # 1 - U is in (0, 1]: the first token whose cdf reaches it has probability > 0.
+                u = torch.stack([1 - torch.rand((), generator=seqs[r].generator,
+                                                device=self.device) for r in rows])
+                chosen = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None]).squeeze(-1)
+            for row, token in zip(rows, chosen.tolist()):
+                tokens[row] = token
+        return tokens
+
+    def _advance(self, seq: _Sequence, token: int) -> None:
+        """Take the sequence's next token: stream its text, retire it if it has ended."""
         if seq.handle.cancelled:
             self._release(self._active.pop(seq.slot))
             return
         settings = seq.request.settings
-        logits = logits[None].masked_fill(self._banned, float("-inf"))
-        token = int(sample_next(logits, settings, seq.generator, seq.seen, seq.counts)[0])
         seq.generated += 1
         if seq.seen is not None and token not in seq.request.stop_ids:
             seq.seen[0, token] = True

@@ -3,8 +3,9 @@
 Requests are plain JSON dicts checked by hand, so that every mistake gets OpenAI's error
 object with the parameter it concerns (``param``) and a message saying what was expected.
 Where OpenAI's API is silent for a model like ours, we follow vLLM: unknown fields are
-ignored, ``max_tokens`` defaults to the room left in the context, ``top_k`` and
-``repetition_penalty`` are accepted as extras. Features we do not have (log-probabilities,
+ignored, ``max_tokens`` defaults to the room left in the context, ``top_k``,
+``repetition_penalty`` and ``ignore_eos`` (generate exactly ``max_tokens``, for
+benchmarks) are accepted as extras. Features we do not have (log-probabilities,
 tools, JSON mode, logit bias, suffix, echo) are refused with 400 rather than ignored.
 """
 
@@ -271,6 +272,8 @@ def parse_request(body: Any, kind: str, engine: Engine, model_name: str) -> Pars
             presence_penalty=common["presence_penalty"])
     except ValueError as exc:  # ranges are checked above; this is a safety net
         raise _bad(str(exc), None, "invalid_value") from None
+    if _boolean(body, "ignore_eos"):
+        stop_ids = []
     parsed = ParsedRequest(
         prompts=prompts, settings=settings, n=common["n"], seed=common["seed"],
         stop_ids=stop_ids, stop_strings=common["stops"], stream=common["stream"],
