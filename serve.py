@@ -38,6 +38,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="sequences decoded together (default 8)")
     parser.add_argument("--max-queue", type=int, default=64,
                         help="requests waiting for a free slot before 503 (default 64)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads on CPU (default: every core but one)")
     parser.add_argument("--api-key", default=None,
                         help=f"require 'Authorization: Bearer KEY' on /v1 (or set {API_KEY_ENV})")
     args = parser.parse_args(argv)

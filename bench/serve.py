@@ -8,7 +8,10 @@ The model is the ``small`` preset with random weights (seeded; no trained run ne
 cost per token is the same), served by serve.py's own server (engine + app + uvicorn) in a
 separate process on 127.0.0.1. ``--requests`` streaming /v1/completions requests of
 ``--new-tokens`` tokens each (``ignore_eos``: all do the same work) are sent by 1, 4, 8 and
-16 concurrent clients; 1 client is "the same requests one after another". Per level:
+16 concurrent clients; 1 client is "the same requests one after another". Decoding is greedy,
+as in vLLM's benchmark_serving: with random weights every distribution is nearly flat, and
+top-p would then sort the whole vocabulary for every token, a cost a trained model's peaked
+distributions do not have. Per level:
 
 * aggregate throughput: generated tokens / wall time of the level;
 * TTFT (time to first token): request sent -> first text chunk received, p50 and p95;
@@ -40,6 +43,7 @@ import torch
 
 from src.data.bpe import BPETokenizer
 from src.model.gpt import GPT, GPTConfig
+from src.serve.server import default_threads
 from src.utils.atomic import write_json_atomic
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -64,8 +68,7 @@ def serve_in_subprocess(port: int, max_batch: int, seed: int, threads: int | Non
     from src.serve.app import create_app
     from src.serve.server import Server
 
-    if threads:
-        torch.set_num_threads(threads)
+    torch.set_num_threads(threads)
     model, tokenizer = build(seed)
     engine = Engine(model, tokenizer, max_batch=max_batch, max_queue=256)
     engine.start()
@@ -81,7 +84,7 @@ def prompt_text(i: int) -> str:
 def stream_one(port: int, i: int, new_tokens: int) -> dict:
     """One streaming completion; its TTFT, chunk gaps and token count."""
     body = {"model": MODEL_NAME, "prompt": prompt_text(i), "max_tokens": new_tokens,
-            "temperature": 0.8, "top_p": 0.95, "seed": i, "ignore_eos": True, "stream": True,
+            "temperature": 0.0, "ignore_eos": True, "stream": True,
             "stream_options": {"include_usage": True}}
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=300)
     start = time.perf_counter()
@@ -92,12 +95,14 @@ def stream_one(port: int, i: int, new_tokens: int) -> dict:
         raise RuntimeError(f"request {i}: HTTP {response.status} {response.read()[:200]}")
     times, tokens = [], 0
     for line in response:
-        if not line.startswith(b"data: ") or line.strip() == b"data: [DONE]":
+        # Parsing every chunk's JSON would cost the client more CPU than the server spends on
+        # it (the cores are shared): a chunk with text is recognised by its bytes, and only
+        # the usage chunk is parsed.
+        if not line.startswith(b"data: {"):
             continue
-        chunk = json.loads(line[6:])
-        if chunk.get("usage"):
-            tokens = chunk["usage"]["completion_tokens"]
-        if chunk["choices"] and chunk["choices"][0]["text"]:
+        if b'"usage": {' in line:
+            tokens = json.loads(line[6:])["usage"]["completion_tokens"]
+        elif b'"text": ""' not in line:
             times.append(time.perf_counter())
     conn.close()
     return {"ttft": times[0] - start, "gaps": [b - a for a, b in zip(times, times[1:])],
@@ -153,8 +158,8 @@ def hf_level(hf, tokenizer, batch: int, requests: int, new_tokens: int) -> dict:
             ids = torch.tensor([[0] * (width - len(p)) + p for p in group])
             mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in group])
             hf.generate(ids, attention_mask=mask, max_new_tokens=new_tokens,
-                        min_new_tokens=new_tokens, do_sample=True, temperature=0.8, top_p=0.95,
-                        pad_token_id=0, eos_token_id=None)
+                        min_new_tokens=new_tokens, do_sample=False, pad_token_id=0,
+                        eos_token_id=None)
     wall = time.perf_counter() - start
     return {"batch": batch, "requests": requests, "seconds": wall,
             "tokens_per_s": requests * new_tokens / wall}
@@ -186,7 +191,9 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=16, help="per level (default 16)")
     parser.add_argument("--new-tokens", type=int, default=64, help="per request (default 64)")
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 8, 16])
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (both sides)")
+    parser.add_argument("--threads", type=int, default=default_threads(),
+                        help="torch threads of the server and of transformers (default: "
+                             "serve.py's, every core but one)")
     parser.add_argument("--no-hf", action="store_true", help="skip transformers")
     args = parser.parse_args()
     seed = 0
@@ -217,8 +224,7 @@ def main() -> None:
             print("transformers is not installed: the Hugging Face rows are skipped")
         else:
             hf_version = transformers.__version__
-            if args.threads:
-                torch.set_num_threads(args.threads)
+            torch.set_num_threads(args.threads)
             model, tokenizer = build(seed)
             hf = to_hf(model).eval()
             hf_level(hf, tokenizer, 1, 1, 4)  # warm-up
@@ -229,7 +235,7 @@ def main() -> None:
 
     one = levels[0]
     print(f"\nsmall preset, random weights; {args.requests} requests x {args.new_tokens} tokens "
-          f"per level; torch {torch.__version__}\n")
+          f"per level; torch {torch.__version__}, {args.threads} threads\n")
     print("| clients | tok/s  | vs 1 client | TTFT p50 / p95 ms | per-token p50 / p95 ms | "
           "transformers generate, same batch: tok/s |")
     print("|--------:|-------:|------------:|------------------:|-----------------------:|"
@@ -253,7 +259,7 @@ def main() -> None:
         "benchmark": "serve", "model": "small preset, random weights", "seed": seed,
         "requests_per_level": args.requests, "new_tokens": args.new_tokens,
         "torch": torch.__version__, "transformers": hf_version,
-        "threads": args.threads or torch.get_num_threads(), "machine": platform.platform(),
+        "threads": args.threads, "machine": platform.platform(),
         "levels": levels, "transformers_generate": hf_rows})
     print(f"wrote {out}")
 

@@ -7,9 +7,9 @@
     POST /v1/completions        OpenAI's (legacy) text completions, streaming or not
 
 Each request's choices go to the engine as separate sequences; their updates come back from
-the engine's thread through an asyncio queue. A client that disconnects is noticed while
-waiting for the next update (its requests are cancelled: their slots free at the next
-step). Errors are OpenAI's JSON (see ``protocol.APIError``); a bad request is refused
+the engine's thread through a ``Mailbox`` into the request's asyncio queue. A client that
+disconnects is noticed at once (a watcher puts ``GONE`` in its queue) and its requests are
+cancelled: their slots free at the next step. Errors are OpenAI's JSON (see ``protocol.APIError``); a bad request is refused
 before it reaches the engine, so it never disturbs the others.
 """
 
@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -50,12 +51,41 @@ class ClientGone(Exception):
     """The client closed the connection while its request was being generated."""
 
 
+GONE = object()  # put in a request's queue when its client disconnects
+
+
+class Mailbox:
+    """Carries updates from the engine's thread to the event loop, waking the loop once per
+    batch of updates (about once per engine step) instead of once per token of each stream:
+    a wake-up costs a system call and a trip through the loop."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.lock = threading.Lock()
+        self.pending: list[tuple[asyncio.Queue, object]] = []
+
+    def post(self, queue: asyncio.Queue, item: object) -> None:
+        """Called from any thread: ``item`` will be put in ``queue`` on the loop."""
+        with self.lock:
+            self.pending.append((queue, item))
+            if len(self.pending) > 1:
+                return  # a delivery is already scheduled and will take this one too
+        self.loop.call_soon_threadsafe(self._deliver)
+
+    def _deliver(self) -> None:
+        with self.lock:
+            pending, self.pending = self.pending, []
+        for queue, item in pending:
+            queue.put_nowait(item)
+
+
 def create_app(engine: Engine, model_name: str, *, api_key: str | None = None,
                max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
     """The ASGI app serving ``engine`` as the model ``model_name``. With ``api_key``, every
     /v1 request needs ``Authorization: Bearer <api_key>`` (the page and /health do not)."""
     app = FastAPI(title="gpt-model", docs_url=None, redoc_url=None, openapi_url=None)
     created = now()
+    mailboxes: dict[asyncio.AbstractEventLoop, Mailbox] = {}  # one per event loop (one)
 
     @app.exception_handler(APIError)
     async def api_error(_: Request, exc: APIError) -> JSONResponse:
@@ -148,10 +178,11 @@ def create_app(engine: Engine, model_name: str, *, api_key: str | None = None,
 
     async def answer(request: Request, parsed: ParsedRequest, chat: bool):
         loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[tuple[int, Update]] = asyncio.Queue()
+        mailbox = mailboxes.setdefault(loop, Mailbox(loop))
+        queue: asyncio.Queue = asyncio.Queue()
 
         def on_update(index: int, update: Update) -> None:  # called in the engine's thread
-            loop.call_soon_threadsafe(queue.put_nowait, (index, update))
+            mailbox.post(queue, (index, update))
 
         try:
             handles = engine.submit(parsed.requests, on_update)
@@ -201,29 +232,28 @@ def create_app(engine: Engine, model_name: str, *, api_key: str | None = None,
     return app
 
 
-async def _wait_for_disconnect(request: Request) -> None:
+async def _watch_for_disconnect(request: Request, queue: asyncio.Queue) -> None:
     while (await request.receive())["type"] != "http.disconnect":
         pass
+    queue.put_nowait(GONE)
 
 
 async def _updates(request: Request, queue: asyncio.Queue,
                    count: int) -> AsyncIterator[tuple[int, Update]]:
     """The engine's updates for ``count`` sequences, until each has finished; raises
     ClientGone as soon as the client disconnects."""
-    gone = asyncio.ensure_future(_wait_for_disconnect(request))
+    watcher = asyncio.ensure_future(_watch_for_disconnect(request, queue))
     try:
         remaining = count
         while remaining:
-            got = asyncio.ensure_future(queue.get())
-            await asyncio.wait({got, gone}, return_when=asyncio.FIRST_COMPLETED)
-            if not got.done():
-                got.cancel()
+            item = await queue.get()
+            if item is GONE:
                 raise ClientGone
-            index, update = got.result()
+            index, update = item
             remaining -= update.finish_reason is not None
             yield index, update
     finally:
-        gone.cancel()
+        watcher.cancel()
 
 
 def _sse(obj: dict) -> str:

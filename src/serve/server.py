@@ -16,6 +16,7 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 import uvicorn
 
 from src.infer.engine import Engine
@@ -39,6 +40,14 @@ class ServeOptions:
     max_batch: int = 8
     max_queue: int = 64
     api_key: str | None = None
+    threads: int | None = None
+
+
+def default_threads() -> int:
+    """Torch threads for a CPU server: every core but one, which is left to the HTTP side
+    (on 2 shared cores, two torch threads spin-waiting starve the event loop: measured 2-3x
+    lower throughput at 8 streams in bench/serve.py)."""
+    return max(1, (os.cpu_count() or 1) - 1)
 
 
 def is_loopback(host: str) -> bool:
@@ -90,19 +99,24 @@ def serve(options: ServeOptions) -> int:
         raise UserError(f"--max-batch {options.max_batch}: must be at least 1")
     if options.max_queue < 0:
         raise UserError(f"--max-queue {options.max_queue}: must be 0 or more")
+    if options.threads is not None and options.threads < 1:
+        raise UserError(f"--threads {options.threads}: must be at least 1")
     api_key = options.api_key or os.environ.get(API_KEY_ENV) or None
     if not is_loopback(options.host) and api_key is None:
         print(f"warning: serving on {options.host} without an API key: anyone who can reach "
               f"this machine can use the model (set --api-key or {API_KEY_ENV})",
               file=sys.stderr, flush=True)
     model, tokenizer, info = load_served_model(options.run, options.device, options.dtype)
+    if next(model.parameters()).device.type == "cpu":
+        torch.set_num_threads(options.threads or default_threads())
     name = Path(info["run_dir"]).name
     engine = Engine(model, tokenizer, max_batch=options.max_batch, max_queue=options.max_queue)
     app = create_app(engine, name, api_key=api_key)
     config = uvicorn.Config(app, host=options.host, port=options.port, log_level="warning",
                             timeout_graceful_shutdown=GRACEFUL_SECONDS)
     print(f"Serving {info['checkpoint']} as model '{name}' (step {info['step']}, "
-          f"{next(model.parameters()).device}, batch {options.max_batch})", flush=True)
+          f"{next(model.parameters()).device}, {torch.get_num_threads()} threads, batch "
+          f"{options.max_batch})", flush=True)
     engine.start()
     try:
         Server(config, engine).run()
