@@ -16,6 +16,7 @@ before it reaches the engine, so it never disturbs the others.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import json
 import threading
@@ -199,9 +200,10 @@ def create_app(engine: Engine, model_name: str, *, api_key: str | None = None,
                 try:
                     for chunk in reply.opening_chunks():
                         yield _sse(chunk)
-                    async for index, update in updates:
-                        for chunk in reply.chunks(index, update):
-                            yield _sse(chunk)
+                    async with contextlib.aclosing(updates):
+                        async for index, update in updates:
+                            for chunk in reply.chunks(index, update):
+                                yield _sse(chunk)
                     if parsed.include_usage:
                         yield _sse(reply.usage_chunk())
                     yield "data: [DONE]\n\n"
