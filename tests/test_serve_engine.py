@@ -4,6 +4,7 @@ step by step without HTTP; the OpenAI penalties of the sampler; the system role.
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 import torch
@@ -239,3 +240,31 @@ def test_tokenizer_saved_before_the_system_token_loads_unchanged(tok, tmp_path):
     again = tmp_path / "again.json"
     loaded.save(again)
     assert again.read_bytes() == path.read_bytes()
+
+
+def test_a_failing_step_ends_its_requests_with_error_and_the_engine_goes_on(model, tok,
+                                                                             monkeypatch):
+    engine = Engine(model, tok, max_batch=2)
+    settings = SamplingSettings(max_new_tokens=5, temperature=0)
+    request = GenerationRequest(prompts(tok, 1)[0], settings)
+    real_forward = model.forward
+
+    def failing_forward(*args, **kwargs):
+        monkeypatch.setattr(model, "forward", real_forward)  # fails once
+        raise RuntimeError("simulated failure inside the model")
+
+    monkeypatch.setattr(model, "forward", failing_forward)
+    reasons = []
+    engine.submit([request], lambda i, u: u.finish_reason and reasons.append(u.finish_reason))
+    engine.start()
+    try:
+        deadline = time.monotonic() + 10
+        while not reasons:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        result = engine.generate(request)  # the engine is still working
+    finally:
+        engine.shutdown()
+    assert reasons == ["error"]
+    assert result.finish_reason == "length" and result.completion_tokens == 5
+    assert engine.load == (0, 0)

@@ -28,6 +28,7 @@ one-call synchronous form.
 from __future__ import annotations
 
 import threading
+import traceback
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -43,7 +44,7 @@ from src.infer.sampling import (
     undecodable_ids,
 )
 
-FinishReason = Literal["stop", "length", "shutdown"]
+FinishReason = Literal["stop", "length", "shutdown", "error"]
 
 
 @dataclass(frozen=True)
@@ -62,7 +63,8 @@ class GenerationRequest:
 class Update:
     """What one step produced for a request: new ``text`` (may be empty on the last update),
     the number of tokens generated so far, and on the last update why it ended: "stop" (a
-    stop token or string), "length" (``max_new_tokens``) or "shutdown" (the engine stopped)."""
+    stop token or string), "length" (``max_new_tokens``), "shutdown" (the engine stopped)
+    or "error" (the step failed; the error is printed to stderr and the engine goes on)."""
 
     text: str
     completion_tokens: int
@@ -99,7 +101,6 @@ class _Sequence:
     slot: int = -1
     last_token: int = -1
     generated: int = 0
-    done: bool = False
 
 
 @dataclass
@@ -218,6 +219,7 @@ class Engine:
             return False
         for seq in admitted:
             self._active[seq.slot] = seq
+        for seq in admitted:
             prompt = torch.tensor([list(seq.request.prompt_ids)], device=self.device)
             logits = self.model(prompt, cache=self.cache, slots=self._slots([seq.slot]))
             self._advance(seq, self._sample([seq], logits[:, -1])[0])
@@ -304,7 +306,6 @@ class Engine:
             seq.handle.cancel()
 
     def _release(self, seq: _Sequence) -> None:
-        seq.done = True
         self.cache.free(seq.slot)
         self._free_slots.append(seq.slot)
 
@@ -323,17 +324,23 @@ class Engine:
                     self._cond.wait()
                 if self._stopping:
                     break
-            self.step()
-        self._end_all()
+            try:
+                self.step()
+            except Exception:  # noqa: BLE001 - one failed step must not hang every client
+                traceback.print_exc()
+                self._end_all("error", waiting_too=False)
+        self._end_all("shutdown")
 
-    def _end_all(self) -> None:
-        """Give every active and waiting request its last update ("shutdown")."""
-        with self._cond:
-            waiting, self._waiting = list(self._waiting), deque()
+    def _end_all(self, reason: FinishReason, waiting_too: bool = True) -> None:
+        """Give every active (and waiting) request its last update with ``reason``."""
+        waiting = []
+        if waiting_too:
+            with self._cond:
+                waiting, self._waiting = list(self._waiting), deque()
         for seq in [*self._active.values(), *waiting]:
             if not seq.handle.cancelled:
                 text = seq.stops.feed(seq.decoder.flush()) + seq.stops.flush()
-                self._emit(seq, Update(text, seq.generated, "shutdown"))
+                self._emit(seq, Update(text, seq.generated, reason))
         for slot in list(self._active):
             self._release(self._active.pop(slot))
 
@@ -346,7 +353,7 @@ class Engine:
         if self._thread is not None:
             self._thread.join(timeout)
         else:
-            self._end_all()
+            self._end_all("shutdown")
 
     @property
     def stopping(self) -> bool:

@@ -53,6 +53,8 @@ class ClientGone(Exception):
 
 
 GONE = object()  # put in a request's queue when its client disconnects
+GENERATION_FAILED = APIError(500, "The server failed while generating this reply; it has "
+                             "been logged. Retry the request.", type="server_error")
 
 
 class Mailbox:
@@ -202,6 +204,10 @@ def create_app(engine: Engine, model_name: str, *, api_key: str | None = None,
                         yield _sse(chunk)
                     async with contextlib.aclosing(updates):
                         async for index, update in updates:
+                            if update.finish_reason == "error":  # as vLLM: an error event
+                                yield _sse(GENERATION_FAILED.body())
+                                yield "data: [DONE]\n\n"
+                                return
                             for chunk in reply.chunks(index, update):
                                 yield _sse(chunk)
                     if parsed.include_usage:
@@ -218,6 +224,8 @@ def create_app(engine: Engine, model_name: str, *, api_key: str | None = None,
                                               "X-Accel-Buffering": "no"})
         try:
             async for index, update in updates:
+                if update.finish_reason == "error":
+                    raise GENERATION_FAILED
                 reply.add(index, update)
         except ClientGone:
             return JSONResponse({}, status_code=499)  # nobody is listening
