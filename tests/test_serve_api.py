@@ -28,6 +28,8 @@ from src.data.chat_template import Turn, encode_chat
 from src.infer.engine import Engine
 from src.serve.app import create_app
 from src.serve.loading import load_served_model
+from src.serve.server import ServeOptions, serve
+from src.utils.cli import UserError
 from tests.fixtures import make_tiny_run
 from tests.serve_support import (
     LOOP,
@@ -372,3 +374,14 @@ def test_serve_py_prints_the_addresses_warns_without_a_key_and_stops_on_sigterm(
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+@pytest.mark.parametrize("options, message", [
+    (ServeOptions(port=70000), "--port 70000"),
+    (ServeOptions(max_batch=0), "--max-batch 0"),
+    (ServeOptions(threads=0), "--threads 0"),
+    (ServeOptions(run="/nonexistent/run", device="cpu"), "/nonexistent/run"),
+])
+def test_bad_serve_options_are_one_line_user_errors(options, message):
+    with pytest.raises(UserError, match=message):
+        serve(options)
