@@ -4,8 +4,8 @@ The engine holds ``max_batch`` slots of a ``SlotKVCache`` (one per sequence bein
 and a queue of waiting requests. Each ``step``:
 
 1. retires cancelled requests (a client that went away frees its slot here, within a step);
-2. admits waiting requests into free slots: each one's prompt is run through the model
-   alone ("prefill", interleaved between decode steps) and its first token is sampled;
+2. admits waiting requests into free slots: their prompts are run through the model
+   together ("prefill", interleaved between decode steps) and their first tokens sampled;
 3. runs ONE batched forward pass that feeds every active sequence its newest token, each
    at its own position, and samples each sequence's next token.
 
@@ -217,12 +217,8 @@ class Engine:
                     admitted.append(seq)
         if not admitted and not self._active:
             return False
-        for seq in admitted:
-            self._active[seq.slot] = seq
-        for seq in admitted:
-            prompt = torch.tensor([list(seq.request.prompt_ids)], device=self.device)
-            logits = self.model(prompt, cache=self.cache, slots=self._slots([seq.slot]))
-            self._advance(seq, self._sample([seq], logits[:, -1])[0])
+        if admitted:
+            self._prefill(admitted)
         if self._active:
             slots = sorted(self._active)
             seqs = [self._active[s] for s in slots]
@@ -231,6 +227,25 @@ class Engine:
             for seq, token in zip(seqs, self._sample(seqs, logits[:, -1])):
                 self._advance(seq, token)
         return True
+
+    def _prefill(self, seqs: list[_Sequence]) -> None:
+        """Run the prompts of newly admitted sequences through the model in one pass, and
+        sample each one's first token. Prompts are padded on the right to the longest: a
+        prompt's own tokens never see its padding (attention is causal), and the padding's
+        keys are forgotten by setting each slot's length to its prompt's."""
+        for seq in seqs:
+            self._active[seq.slot] = seq
+        lengths = [len(seq.request.prompt_ids) for seq in seqs]
+        ids = torch.zeros(len(seqs), max(lengths), dtype=torch.long, device=self.device)
+        for row, seq in enumerate(seqs):
+            ids[row, :lengths[row]] = torch.tensor(list(seq.request.prompt_ids))
+        slots = self._slots([seq.slot for seq in seqs])
+        logits = self.model(ids, cache=self.cache, slots=slots)
+        last = torch.tensor(lengths, device=self.device)
+        self.cache.lengths[slots] = last
+        first = self._sample(seqs, logits[torch.arange(len(seqs), device=self.device), last - 1])
+        for seq, token in zip(seqs, first):
+            self._advance(seq, token)
 
     def _slots(self, slots: list[int]) -> torch.Tensor:
         return torch.tensor(slots, dtype=torch.long, device=self.device)
