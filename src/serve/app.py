@@ -88,7 +88,7 @@ def create_app(engine: Engine, model_name: str, *, api_key: str | None = None,
     /v1 request needs ``Authorization: Bearer <api_key>`` (the page and /health do not)."""
     app = FastAPI(title="gpt-model", docs_url=None, redoc_url=None, openapi_url=None)
     created = now()
-    mailboxes: dict[asyncio.AbstractEventLoop, Mailbox] = {}  # one per event loop (one)
+    mailboxes: dict[asyncio.AbstractEventLoop, Mailbox] = {}  # per loop serving the app
 
     @app.exception_handler(APIError)
     async def api_error(_: Request, exc: APIError) -> JSONResponse:
