@@ -55,7 +55,7 @@ def test_literal_special_strings_stay_text():
 
 def test_unknown_role_and_stop_tokens():
     with pytest.raises(ValueError):
-        Turn("system", "x")
+        Turn("tool", "x")  # "system" is a role since issue 14
     assert set(ASSISTANT_STOP_TOKENS) == {USER, ENDOFTEXT}
 
 

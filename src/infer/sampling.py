@@ -47,6 +47,8 @@ class SamplingSettings:
     ``temperature == 0`` or ``greedy=True`` picks the most likely token every step (then
     top-k, top-p and the seed have no effect). ``top_k=None``/``0`` and ``top_p=1.0``
     disable those filters; ``repetition_penalty=1.0`` disables the penalty.
+    ``frequency_penalty`` and ``presence_penalty`` (OpenAI's, in [-2, 2], 0 = off) lower
+    the logits of tokens already generated (see ``apply_frequency_presence_penalties``).
     """
 
     max_new_tokens: int = 256
@@ -55,6 +57,8 @@ class SamplingSettings:
     top_p: float = 1.0
     repetition_penalty: float = 1.0
     greedy: bool = False
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
 
     def __post_init__(self) -> None:
         if (
@@ -77,6 +81,9 @@ class SamplingSettings:
             raise ValueError(
                 f"repetition_penalty must be > 0 (1 = off), got {self.repetition_penalty!r}"
             )
+        for name in ("frequency_penalty", "presence_penalty"):
+            if not (-2.0 <= getattr(self, name) <= 2.0):
+                raise ValueError(f"{name} must be between -2 and 2, got {getattr(self, name)!r}")
 
     @property
     def is_greedy(self) -> bool:
@@ -118,6 +125,17 @@ def apply_repetition_penalty(
     return torch.where(seen, penalised, logits)
 
 
+def apply_frequency_presence_penalties(
+    logits: torch.Tensor, counts: torch.Tensor, frequency: float, presence: float
+) -> torch.Tensor:
+    """OpenAI's penalties: ``counts`` (B, vocab) holds how often each token was generated so
+    far (the prompt does not count, as in OpenAI's and vLLM's); each logit is lowered by
+    ``frequency * count + presence * (count > 0)``. Negative values encourage repeats."""
+    if frequency == 0.0 and presence == 0.0:
+        return logits
+    return logits - frequency * counts - presence * (counts > 0).to(logits.dtype)
+
+
 def apply_top_k(logits: torch.Tensor, k: int | None) -> torch.Tensor:
     """Keep the ``k`` largest logits of each row (ties with the k-th are kept too)."""
     if not k or k >= logits.size(-1):
@@ -149,13 +167,21 @@ _NUCLEUS_GUESS = 256
 
 
 def process_logits(
-    logits: torch.Tensor, settings: SamplingSettings, seen: torch.Tensor | None = None
+    logits: torch.Tensor,
+    settings: SamplingSettings,
+    seen: torch.Tensor | None = None,
+    counts: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Repetition penalty, temperature, top-k, top-p: the distribution a token is drawn from
-    (as logits; ``-inf`` marks removed tokens). Computed in float32."""
+    """Repetition penalty, frequency/presence penalties (given ``counts``), temperature,
+    top-k, top-p: the distribution a token is drawn from (as logits; ``-inf`` marks removed
+    tokens). Computed in float32."""
     logits = logits.float()
     if seen is not None:
         logits = apply_repetition_penalty(logits, seen, settings.repetition_penalty)
+    if counts is not None:
+        logits = apply_frequency_presence_penalties(
+            logits, counts, settings.frequency_penalty, settings.presence_penalty
+        )
     if settings.is_greedy:
         return logits
     logits = logits / settings.temperature
@@ -168,9 +194,10 @@ def sample_next(
     settings: SamplingSettings,
     generator: torch.Generator | None = None,
     seen: torch.Tensor | None = None,
+    counts: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One token id per row of ``logits`` (B, vocab) -> (B,) long tensor."""
-    logits = process_logits(logits, settings, seen)
+    logits = process_logits(logits, settings, seen, counts)
     if settings.is_greedy:
         return logits.argmax(dim=-1)
     probs = torch.softmax(logits, dim=-1)
@@ -231,6 +258,9 @@ def stream_ids(
         exempt = torch.tensor(list(unpenalised_ids), dtype=torch.long, device=device)
         seen[:, seq[0]] = True
         seen[:, exempt] = False
+    counts = None
+    if settings.frequency_penalty or settings.presence_penalty:
+        counts = torch.zeros(num_samples, vocab, device=device)
 
     was_training = model.training
     model.eval()
@@ -247,7 +277,9 @@ def stream_ids(
                 last = logits[:, -1]
                 if ban is not None:
                     last = last.masked_fill(ban, float("-inf"))
-                nxt = sample_next(last, settings, generator, seen)
+                nxt = sample_next(last, settings, generator, seen, counts)
+                if counts is not None:
+                    counts[torch.arange(num_samples, device=device), nxt] += 1
                 if seen is not None:
                     seen[torch.arange(num_samples, device=device), nxt] = True
                     seen[:, exempt] = False

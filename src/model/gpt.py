@@ -3,7 +3,8 @@
 Read top to bottom:
   1. GPTConfig  - every hyperparameter, validated (named presets: src/training/presets.py).
   2. RoPE       - rotary position embeddings (precomputed cos/sin tables).
-  3. KVCache    - preallocated keys/values, so generating a token does not recompute the past.
+  3. KVCache    - preallocated keys/values, so generating a token does not recompute the past;
+     SlotKVCache - the same for many independent sequences of different lengths (serving).
   4. Attention, MLP, Block - the Transformer layer: pre-norm RMSNorm, causal grouped-query
                   attention through scaled_dot_product_attention, SwiGLU feed-forward.
   5. GPT        - embeddings, the stack of blocks, the output head, the one init function,
@@ -159,6 +160,61 @@ class KVCache:
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
 
+class SlotKVCache:
+    """Keys and values of ``num_slots`` independent sequences of different lengths, for
+    serving many requests with one batched forward pass (continuous batching).
+
+    Slot ``s`` holds ``lengths[s]`` tokens. A forward pass with ``cache=`` and ``slots=`` (a
+    (B,) long tensor of distinct slot indices) appends row b's T tokens to slot ``slots[b]``
+    at positions ``lengths[slots[b]]`` onward; each row attends only to its own slot's
+    tokens (an attention mask hides the rest, including stale keys past its length). A slot
+    is emptied for a new sequence with ``free``. Make one with ``GPT.new_slot_kv_cache``.
+    """
+
+    def __init__(self, n_layer: int, num_slots: int, n_kv_head: int, max_length: int,
+                 head_dim: int, device: torch.device | str | None, dtype: torch.dtype) -> None:
+        shape = (n_layer, num_slots, n_kv_head, max_length, head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.num_slots = num_slots
+        self.max_length = max_length
+        self.lengths = torch.zeros(num_slots, dtype=torch.long, device=device)
+        # Set by ``begin`` for the forward pass under way: which slots, the new tokens'
+        # positions (B, T), and the mask (B, 1, T, keys) of what each new token may see.
+        self.slots = self.positions = self.attn_mask = None
+
+    def free(self, slot: int) -> None:
+        """Forget the sequence in ``slot`` (its memory is overwritten by the next one)."""
+        self.lengths[slot] = 0
+
+    def begin(self, slots: torch.Tensor, T: int) -> torch.Tensor:
+        """Prepare a forward pass of T new tokens per slot in ``slots``; their positions."""
+        start = self.lengths[slots]
+        if int(start.max()) + T > self.max_length:
+            raise ValueError(f"slot KV cache full: a sequence would pass max_length "
+                             f"{self.max_length}")
+        self.slots = slots
+        self.positions = start[:, None] + torch.arange(T, device=slots.device)
+        keys = torch.arange(int(self.positions.max()) + 1, device=slots.device)
+        self.attn_mask = (keys[None, None, :] <= self.positions[:, :, None])[:, None]
+        return self.positions
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Store k, v (B, n_kv_head, T, head_dim) of the slots being run; return each row's
+        keys and values up to the longest row (B, n_kv_head, keys, head_dim)."""
+        rows = self.slots[:, None]
+        # Advanced indices split by a slice put their dims first: (B, T, n_kv_head, head_dim).
+        self.k[layer, rows, :, self.positions] = k.transpose(1, 2).to(self.k.dtype)
+        self.v[layer, rows, :, self.positions] = v.transpose(1, 2).to(self.v.dtype)
+        n_keys = self.attn_mask.size(-1)
+        return self.k[layer, self.slots, :, :n_keys], self.v[layer, self.slots, :, :n_keys]
+
+    def end(self) -> None:
+        """The forward pass is done: the slots' lengths advance by the tokens it stored."""
+        self.lengths[self.slots] = self.positions[:, -1] + 1
+        self.slots = self.positions = self.attn_mask = None
+
+
 # ----------------------------------------------------------------------------------------------
 # 4. The Transformer layer
 
@@ -176,7 +232,7 @@ class Attention(nn.Module):
         self.dropout = config.dropout
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layer: int,
-                cache: KVCache | None) -> torch.Tensor:
+                cache: KVCache | SlotKVCache | None) -> torch.Tensor:
         B, T, _ = x.shape
         # (B, T, heads * head_dim) -> (B, heads, T, head_dim): attention runs per head.
         q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
@@ -186,7 +242,11 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
         mask, is_causal = None, True
-        if cache is not None:
+        if isinstance(cache, SlotKVCache):
+            k, v = cache.update(layer, k, v)
+            k, v = k.to(q.dtype), v.to(q.dtype)
+            mask, is_causal = cache.attn_mask, False
+        elif cache is not None:
             start = cache.position
             k, v = cache.update(layer, k, v)
             k, v = k.to(q.dtype), v.to(q.dtype)  # the cache may be stored in another dtype
@@ -237,7 +297,7 @@ class Block(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layer: int,
-                cache: KVCache | None) -> torch.Tensor:
+                cache: KVCache | SlotKVCache | None) -> torch.Tensor:
         x = x + self.dropout(self.attn(self.attn_norm(x), cos, sin, layer, cache))
         x = x + self.dropout(self.mlp(self.mlp_norm(x)))
         return x
@@ -290,33 +350,42 @@ class GPT(nn.Module):
                 nn.init.normal_(proj.weight, mean=0.0, std=std / math.sqrt(2 * self.config.n_layer))
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
-                cache: KVCache | None = None):
+                cache: KVCache | SlotKVCache | None = None, slots: torch.Tensor | None = None):
         """idx (B, T) token ids -> logits (B, T, vocab_size); with targets (B, T) also the mean
         cross-entropy over positions whose target is not -1: returns (logits, loss).
 
-        With ``cache`` the tokens continue the sequences stored in it (RoPE positions start at
-        ``cache.position``) and the cache advances by T.
+        With a ``KVCache`` the tokens continue the sequences stored in it (RoPE positions start
+        at ``cache.position``) and the cache advances by T. With a ``SlotKVCache``, row b
+        continues the sequence in slot ``slots[b]`` from that slot's own length.
         """
         B, T = idx.shape
-        start = 0
-        if cache is not None:
-            start = cache.position
-            if cache.batch_size != B:
-                raise ValueError(f"batch of {B} sequences but the KV cache holds "
-                                 f"{cache.batch_size}")
-            if start + T > cache.max_length:
-                raise ValueError(f"KV cache full: {start} + {T} tokens > max_length "
-                                 f"{cache.max_length} (reset it or make a longer one)")
-        elif self.config.context_length < T:
-            raise ValueError(f"sequence of {T} tokens is longer than the context_length "
-                             f"{self.config.context_length}")
-        cos, sin = self.rope_cos[start:start + T], self.rope_sin[start:start + T]
+        if isinstance(cache, SlotKVCache):
+            if slots is None or slots.shape != (B,):
+                raise ValueError(f"a SlotKVCache needs slots=, one slot index per row ({B})")
+            positions = cache.begin(slots, T)  # (B, T): each row's own positions
+            cos, sin = self.rope_cos[positions][:, None], self.rope_sin[positions][:, None]
+        else:
+            start = 0
+            if cache is not None:
+                start = cache.position
+                if cache.batch_size != B:
+                    raise ValueError(f"batch of {B} sequences but the KV cache holds "
+                                     f"{cache.batch_size}")
+                if start + T > cache.max_length:
+                    raise ValueError(f"KV cache full: {start} + {T} tokens > max_length "
+                                     f"{cache.max_length} (reset it or make a longer one)")
+            elif self.config.context_length < T:
+                raise ValueError(f"sequence of {T} tokens is longer than the context_length "
+                                 f"{self.config.context_length}")
+            cos, sin = self.rope_cos[start:start + T], self.rope_sin[start:start + T]
 
         x = self.dropout(self.tok_emb(idx))
         for i, block in enumerate(self.blocks):
             x = block(x, cos, sin, i, cache)
         logits = self.lm_head(self.norm(x))
-        if cache is not None:
+        if isinstance(cache, SlotKVCache):
+            cache.end()
+        elif cache is not None:
             cache.position += T
 
         if targets is None:
@@ -339,6 +408,18 @@ class GPT(nn.Module):
         return KVCache(c.n_layer, batch_size, c.n_kv_head, max_length, c.head_dim,
                        device if device is not None else weight.device,
                        dtype if dtype is not None else weight.dtype)
+
+    def new_slot_kv_cache(self, num_slots: int, max_length: int | None = None) -> SlotKVCache:
+        """A slot cache for ``num_slots`` sequences of up to ``max_length`` tokens each (default
+        and maximum: the context length), on the device and in the dtype of the weights."""
+        max_length = max_length or self.config.context_length
+        if not 1 <= max_length <= self.config.context_length or num_slots < 1:
+            raise ValueError(f"slot KV cache: need num_slots >= 1 and 1 <= max_length <= "
+                             f"{self.config.context_length}, got {num_slots}, {max_length}")
+        weight = self.tok_emb.weight
+        c = self.config
+        return SlotKVCache(c.n_layer, num_slots, c.n_kv_head, max_length, c.head_dim,
+                           weight.device, weight.dtype)
 
     def num_params(self, non_embedding: bool = False) -> int:
         """Number of parameters (a tied matrix counted once). ``non_embedding=True`` leaves out

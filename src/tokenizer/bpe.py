@@ -84,6 +84,8 @@ class BPETokenizer:
             vocab.append(vocab[a] + vocab[b])
         self._num_base = len(vocab)  # bytes + merges
         self.special_tokens: dict[str, int] = {s: self._num_base + i for i, s in enumerate(special_tokens)}
+        # The specials the hash covers and ``save`` writes (see ``_add_newer_specials``).
+        self._saved_specials = dict(self.special_tokens)
         self._special_bytes = {i: s.encode("utf-8") for s, i in self.special_tokens.items()}
         self._special_set = frozenset(self.special_tokens)
         self.vocab: list[bytes] = vocab  # token bytes of every non-special id
@@ -370,7 +372,7 @@ class BPETokenizer:
             "format_version": FORMAT_VERSION,
             "pattern": self.pattern,
             "merges": [list(m) for m in self.merges],
-            "special_tokens": dict(self.special_tokens),
+            "special_tokens": dict(self._saved_specials),
             "num_reserved_special": NUM_RESERVED_SPECIAL,
             "vocab_size": self.vocab_size,
         }
@@ -446,7 +448,20 @@ class BPETokenizer:
                 raise TokenizerFileError(f"{path}: merge {i} {m[:2]} makes {text!r}, but the file says {m[2]!r}")
         if data.get("hash") != tok.hash:
             raise TokenizerFileError(f"{path}: content hash mismatch (file edited or corrupt)")
+        if len(order) < len(SPECIAL_TOKENS) and tuple(order) == SPECIAL_TOKENS[: len(order)]:
+            tok._add_newer_specials()
         return tok
+
+    def _add_newer_specials(self) -> None:
+        """Give a tokenizer saved before the newest special tokens existed those tokens, in
+        their reserved ids (no existing id changes). Its hash and what ``save`` writes stay
+        those of the file, so the runs and data that recorded the hash still match it."""
+        self.special_tokens = {s: self._num_base + i for i, s in enumerate(SPECIAL_TOKENS)}
+        self._special_bytes = {i: s.encode("utf-8") for s, i in self.special_tokens.items()}
+        self._special_set = frozenset(self.special_tokens)
+        escaped = (regex.escape(s) for s in sorted(SPECIAL_TOKENS, key=len, reverse=True))
+        self._special_split = regex.compile("(" + "|".join(escaped) + ")")
+        self._fast = _UNSET  # the tiktoken encoder is rebuilt with the new specials
 
     def __repr__(self) -> str:
         return f"BPETokenizer(vocab_size={self.vocab_size}, merges={len(self.merges)}, hash={self.hash[:12]})"

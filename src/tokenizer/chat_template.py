@@ -5,6 +5,11 @@ followed by the turn's text; a finished conversation ends with ``<|endoftext|>``
 
     <|user|>Hi, how are you?<|assistant|>Fine, thanks. And you?<|user|>...<|endoftext|>
 
+An optional system prompt comes first, as a "system" turn (only the first turn may be one;
+its tokens are never scored)::
+
+    <|system|>You are terse.<|user|>Hi<|assistant|>Hello.<|endoftext|>
+
 An assistant turn therefore ends where the next ``<|user|>`` or the ``<|endoftext|>``
 begins (``ASSISTANT_STOP_TOKENS``, the proper ends of a reply). The stop rule of a generated
 reply, ``reply_stop_ids``, is wider: any special token ends it, as none belongs in its text.
@@ -19,10 +24,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
-from src.tokenizer.special_tokens import ASSISTANT, ENDOFTEXT, USER
+from src.tokenizer.special_tokens import ASSISTANT, ENDOFTEXT, SYSTEM, USER
 
-Role = Literal["user", "assistant"]
-ROLE_TOKENS: dict[str, str] = {"user": USER, "assistant": ASSISTANT}
+Role = Literal["system", "user", "assistant"]
+ROLE_TOKENS: dict[str, str] = {"system": SYSTEM, "user": USER, "assistant": ASSISTANT}
 ASSISTANT_STOP_TOKENS: tuple[str, ...] = (USER, ENDOFTEXT)
 
 
@@ -56,6 +61,13 @@ def alternate_turns(utterances: list[str]) -> list[Turn]:
     return [Turn("user" if i % 2 == 0 else "assistant", u) for i, u in enumerate(utterances)]
 
 
+def check_turn_order(turns: list[Turn]) -> None:
+    """ValueError unless a "system" turn, if any, is the first turn (and the only one)."""
+    for i, turn in enumerate(turns):
+        if turn.role == "system" and i > 0:
+            raise ValueError(f"a system turn must be the first turn of a conversation; turn {i} is one")
+
+
 def render_chat(turns: list[Turn], *, add_generation_prompt: bool = False, end: bool = True) -> str:
     """The conversation as text, special tokens written out (for display and byte counts).
 
@@ -64,6 +76,7 @@ def render_chat(turns: list[Turn], *, add_generation_prompt: bool = False, end: 
     """
     if add_generation_prompt and end:
         raise ValueError("add_generation_prompt and end exclude each other")
+    check_turn_order(turns)
     parts = [ROLE_TOKENS[t.role] + t.text for t in turns]
     if add_generation_prompt:
         parts.append(ASSISTANT)
@@ -87,6 +100,7 @@ def encode_chat(
     """
     if add_generation_prompt and end:
         raise ValueError("add_generation_prompt and end exclude each other")
+    check_turn_order(turns)
     specials = tokenizer.special_tokens
     ids: list[int] = []
     mask: list[bool] = []
