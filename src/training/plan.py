@@ -162,13 +162,14 @@ def make_plan(cfg: TrainConfig, model_cfg: GPTConfig, train_tokens: int, device:
     step_flops = tokens_per_step * fpt + eval_flops_per_step
 
     steps, steps_from = cfg.max_steps, "max_steps"
+    seconds = steps * step_flops / rate if rate else None
     if cfg.time_budget and rate:
         fit = int(cfg.time_budget * 60 * (1 - BUDGET_RESERVE) / (step_flops / rate))
-        steps, steps_from = max(1, min(cfg.max_steps, fit)), "time_budget"
+        if fit < cfg.max_steps:  # the budget ends the run, on time
+            steps, steps_from, seconds = max(1, fit), "time_budget", cfg.time_budget * 60
     tokens = steps * tokens_per_step
     windows = windows_per_epoch(train_tokens, T)  # UserError when too few for one window
     epochs = steps * (tokens_per_step // T) / windows
-    seconds = steps * step_flops / rate if rate else None
 
     warnings = []
     if cfg.max_epochs and epochs > cfg.max_epochs:
