@@ -5,9 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
 from argparse import Namespace
 from pathlib import Path
 
@@ -28,7 +25,6 @@ from src.utils.cli import UserError
 from tests.fixtures import make_token_data, tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
 
 
 @pytest.fixture(scope="module")
@@ -75,15 +71,14 @@ def test_plan_arithmetic_and_warning():
         make_plan(cfg, mcfg, train_tokens=100, device=torch.device("cpu"))
 
 
-def test_plan_cli_prints_one_json_line_and_writes_nothing(data_dir, tmp_path):
+def test_plan_cli_prints_one_json_line_and_writes_nothing(data_dir, tmp_path, monkeypatch, capsys):
+    from train import main as train_main
+
     before = {p: p.stat().st_mtime_ns for p in data_dir.iterdir()}
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "train.py"), "--preset", "tiny", "--data", str(data_dir),
-         "--max-steps", "300", "--max-epochs", "2", "--device", "cpu", "--plan"],
-        cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=120,
-    )
-    assert result.returncode == 0, result.stderr
-    lines = result.stdout.splitlines()
+    monkeypatch.chdir(tmp_path)
+    assert train_main(["--preset", "tiny", "--data", str(data_dir), "--max-steps", "300",
+                       "--max-epochs", "2", "--device", "cpu", "--plan"]) == 0
+    lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 1
     plan = json.loads(lines[0])
     train_tokens = len(open_tokens(data_dir, "train"))
@@ -208,23 +203,22 @@ def test_resolve_checkpoint_choices(run_dir):
         reader.checkpoint_from_args(str(run_dir), str(folder))
 
 
-def test_chat_generate_and_evaluate_load_the_chosen_checkpoint(run_dir, tmp_path):
+def test_chat_generate_and_evaluate_load_the_chosen_checkpoint(run_dir, tmp_path, capsys):
     from src.infer.generate import load_model_from_args
 
     _, _, info = load_model_from_args(Namespace(run=str(run_dir), checkpoint=None, device="cpu"))
     assert info["checkpoint"].name == "step_0000002"  # chat.py and generate.py: best by default
     _, _, info = load_model_from_args(Namespace(run=str(run_dir), checkpoint="6", device="cpu"))
     assert info["step"] == 6
-    from tests.test_evaluate import make_release_dir
+    from tests.test_evaluate import cli, make_release_dir
 
     data = make_release_dir(tmp_path / "release")
-    for choice, step in ((None, 2), ("latest", 6)):
+    for choice, step in ((None, 2), ("latest", 6)):  # evaluate.py: best by default
         out = tmp_path / f"eval-{choice}.json"
-        argv = [sys.executable, str(ROOT / "evaluate.py"), "--run", str(run_dir), "--data-dir",
-                str(data), "--device", "cpu", "--json", str(out), "--no-progress"]
-        result = subprocess.run(argv + (["--checkpoint", choice] if choice else []), env=ENV,
-                                capture_output=True, text=True, timeout=120)
-        assert result.returncode == 0, result.stderr
+        argv = ["--run", str(run_dir), "--data-dir", str(data), "--device", "cpu", "--json",
+                str(out), "--no-progress", "--tasks", "dailydialog"]
+        code, _, err = cli(argv + (["--checkpoint", choice] if choice else []), capsys)
+        assert code == 0, err
         assert json.loads(out.read_text())["checkpoint"].endswith(reader.checkpoint_name(step))
 
 

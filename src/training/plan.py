@@ -26,7 +26,6 @@ import json
 import os
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any
 
 import torch
 
