@@ -22,6 +22,7 @@ The progress bar's ETA, from the measured speed, takes over once the run is unde
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import time
@@ -63,6 +64,7 @@ def flops_per_token(c: GPTConfig) -> float:
     return 6.0 * n_matmul + 12.0 * c.n_layer * c.d_model * c.context_length
 
 
+@functools.lru_cache(maxsize=1)  # once per process: the machine does not change
 def cpu_matmul_flops(seconds: float = 0.3, size: int = 1024) -> float:
     """fp32 matrix-multiply FLOP/s of this CPU, measured for about ``seconds``."""
     a, b = torch.randn(size, size), torch.randn(size, size)
