@@ -2,6 +2,7 @@
 
     python evaluate.py                                        # newest run, WikiText-2 + DailyDialog from the Hub
     python evaluate.py --run runs/small --data-dir ../shared/data --split valid
+    python evaluate.py --run runs/small --checkpoint latest  # default: the best checkpoint
     python evaluate.py --checkpoint runs/small/checkpoints/step_0001000 --json eval.json
     python evaluate.py --run runs/small --data-dir D --max-tokens 20000   # a quick look
 
