@@ -76,6 +76,12 @@ def test_plan_cli_prints_one_json_line_and_writes_nothing(data_dir, tmp_path, mo
 
     before = {p: p.stat().st_mtime_ns for p in data_dir.iterdir()}
     monkeypatch.chdir(tmp_path)
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("--plan must not build or compile a model")
+
+    monkeypatch.setattr(GPT, "__init__", forbidden)
+    monkeypatch.setattr(torch, "compile", forbidden)
     assert train_main(["--preset", "tiny", "--data", str(data_dir), "--max-steps", "300",
                        "--max-epochs", "2", "--device", "cpu", "--plan"]) == 0
     lines = capsys.readouterr().out.splitlines()
@@ -83,6 +89,7 @@ def test_plan_cli_prints_one_json_line_and_writes_nothing(data_dir, tmp_path, mo
     plan = json.loads(lines[0])
     train_tokens = len(open_tokens(data_dir, "train"))
     windows = windows_per_epoch(train_tokens, 64)
+    monkeypatch.undo()
     assert plan["params"] == GPT(model_config("tiny", vocab_size=300)).num_params()
     assert plan["train_tokens"] == train_tokens and plan["steps"] == 300
     assert plan["tokens_per_step"] == 512 and plan["tokens"] == 300 * 512
