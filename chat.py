@@ -1,6 +1,7 @@
 """Talk to a trained model.
 
-    python chat.py                      # the newest run under runs/
+    python chat.py                      # the newest run under runs/, its best checkpoint
+    python chat.py --run runs/small --checkpoint latest   # or best, or a step number
     python chat.py --run runs/small --temperature 0.7
     echo "Hello, how are you?" | python chat.py --run runs/small
 

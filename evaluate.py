@@ -2,6 +2,7 @@
 
     python evaluate.py                                        # newest run, WikiText-2 + DailyDialog from the Hub
     python evaluate.py --run runs/small --data-dir ../shared/data --split valid
+    python evaluate.py --run runs/small --checkpoint latest  # default: the best checkpoint
     python evaluate.py --checkpoint runs/small/checkpoints/step_0001000 --json eval.json
     python evaluate.py --run runs/small --data-dir D --max-tokens 20000   # a quick look
 
@@ -44,9 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Perplexity of a trained run on WikiText (token, bits per byte, word level) and DailyDialog.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    which = p.add_mutually_exclusive_group()
-    which.add_argument("--run", metavar="DIR", help="run folder (its best checkpoint, else its latest); default: newest under runs/")
-    which.add_argument("--checkpoint", metavar="PATH", help="a checkpoint folder (runs/<name>/checkpoints/step_...)")
+    p.add_argument("--run", metavar="DIR", help="run folder; default: newest under runs/")
+    p.add_argument("--checkpoint", metavar="WHICH", help="best (default: lowest validation loss, else the latest), "
+                   "latest, a step number, or a checkpoint folder (runs/<name>/checkpoints/step_...)")
     p.add_argument("--data-dir", metavar="DIR", help="local release files (e.g. ../shared/data); default: the Hugging Face Hub")
     p.add_argument("--split", default="valid", choices=SPLIT_CHOICES, help="which split to score (test: for final reporting only)")
     p.add_argument("--tasks", default="auto", help="comma-separated subset of wikitext,dailydialog (auto: those found)")
@@ -125,12 +126,12 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from src.checkpoint import load_model
+    from src.checkpoint import checkpoint_from_args, load_model
     from src.utils.atomic import write_json_atomic
     from src.utils.device import pick_device, pick_dtype
 
     device = pick_device(args.device)
-    model, tokenizer, info = load_model(args.checkpoint or args.run, device=device)
+    model, tokenizer, info = load_model(checkpoint_from_args(args.run, args.checkpoint), device=device)
     context = model.config.context_length
     stride = args.stride or max(1, context // 2)
     if stride > context:

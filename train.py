@@ -4,6 +4,7 @@
     python train.py --preset tiny --max-steps 200     # seconds: a smoke test
     python train.py --run-dir runs/my-run --resume    # continue exactly where it stopped
     torchrun --nproc_per_node=4 train.py --preset gpt-60m   # data-parallel (DDP; --fsdp: FSDP2)
+    python train.py --preset gpt-60m --plan           # params, tokens, epochs, time: one JSON line
     python train.py --help                            # every setting, with its default
 
 The data comes from ``python src/data/prepare_data.py`` (token files in data/). Each run gets a
@@ -19,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the repository root
 
-from src.training.config import resolve_config
+from src.training.config import plan_requested, resolve_config
 from src.training.trainer import resolve_for_resume, train
 from src.utils.cli import run_cli
 
@@ -27,6 +28,11 @@ from src.utils.cli import run_cli
 def main(argv: list[str] | None = None) -> int:
     cfg, explicit = resolve_config(argv)  # every setting validated before any work starts
     cfg = resolve_for_resume(cfg, explicit)  # --resume: the run's saved config + what is given now
+    if plan_requested(argv):  # the plan only: no model built, nothing written
+        from src.training.plan import plan_from_data
+
+        print(plan_from_data(cfg).to_json())
+        return 0
     train(cfg)
     return 0
 

@@ -15,6 +15,11 @@ memory of its whole process tree (main process + encoding workers) every 50 ms, 
                 training texts, then encode every train and val document
   10x full      (only with --full-10x) tokenizer training on the 10x copy too
 
+``--standin-103 N`` runs one case instead: a WikiText-103 stand-in in the release's layout
+(``wikitext-103/wiki.train.tokens`` = WikiText-2 train repeated N times, plus the validation
+and DailyDialog files) prepared in full with ``--wikitext 103``, so the tokenizer learns from
+its bounded sample (``--tokenizer-sample-mb``, 64 MB by default) as on the real corpus.
+
 Peak memory staying flat from 1x to 10x is the point of the streaming design. The 10x
 copy is made in a temporary folder and deleted afterwards. Results are printed as a
 table and written to bench/results/prepare.json.
@@ -103,6 +108,25 @@ def replicate(data_dir: Path, target: Path, times: int) -> None:
                     f.write(data)
 
 
+def make_standin_103(data_dir: Path, target: Path, times: int) -> None:
+    """``target/wikitext-103/`` from WikiText-2 (train repeated ``times`` times) and a copy of
+    DailyDialog train / validation."""
+    folder = target / "wikitext-103"
+    folder.mkdir(parents=True)
+    train = sources.find_wikitext_file(data_dir, "train")
+    with open(folder / f"wiki.train{train.suffix}", "wb") as f:
+        data = train.read_bytes()
+        for _ in range(times):
+            f.write(data)
+    shutil.copy(sources.find_wikitext_file(data_dir, "validation", train.suffix[1:]),
+                folder / f"wiki.valid{train.suffix}")
+    for split in ("train", "validation"):
+        path = sources.find_dailydialog_file(data_dir, split)
+        dest = target / "dailydialog" / split / path.name
+        dest.parent.mkdir(parents=True)
+        shutil.copy(path, dest)
+
+
 def peer_job(data_dir: str, vocab_size: int) -> None:
     """The peer case, run in a child process: HF tokenizers trains and encodes everything."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -140,10 +164,15 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--times", type=int, default=10, help="replication factor of the large case")
     p.add_argument("--full-10x", action="store_true", help="also train the tokenizer on the replicated copy")
+    p.add_argument("--standin-103", type=int, metavar="N",
+                   help="only: prepare a WikiText-103 stand-in (WikiText-2 train x N) with --wikitext 103")
     p.add_argument("--peer-job", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.peer_job:
         peer_job(args.data_dir, args.vocab_size)
+        return
+    if args.standin_103:
+        standin_103(Path(args.data_dir).resolve(), args)
         return
 
     data_dir = Path(args.data_dir).resolve()
@@ -193,6 +222,27 @@ def main() -> None:
               "data_dir": str(data_dir), "rows": rows}
     write_json_atomic(results / "prepare.json", report)
     print(f"wrote {results / 'prepare.json'}")
+
+
+def standin_103(data_dir: Path, args: argparse.Namespace) -> None:
+    """Time and peak RSS of preparing the WikiText-103 stand-in, tokenizer training included."""
+    with tempfile.TemporaryDirectory(prefix="bench-prepare-103-") as tmp:
+        tmp = Path(tmp)
+        make_standin_103(data_dir, tmp / "release", args.standin_103)
+        mb = sum(f.stat().st_size for f in (tmp / "release").rglob("*") if f.is_file()) / 1e6
+        print(f"running the WikiText-103 stand-in ({mb:.0f} MB) ...", file=sys.stderr, flush=True)
+        result = run_measured([sys.executable, "src/data/prepare_data.py", "--data-dir", str(tmp / "release"),
+                               "--wikitext", "103", "--out", str(tmp / "out"), "--workers", str(args.workers),
+                               "--vocab-size", str(args.vocab_size)])
+        meta = json.loads((tmp / "out" / "meta.json").read_text())
+    row = {"case": f"wikitext-103 stand-in (WikiText-2 train x {args.standin_103})", "input_mb": mb,
+           "seconds": result["seconds"], "mb_per_s": mb / result["seconds"], "peak_rss_mb": result["peak_rss_mb"],
+           "tokens": sum(s["tokens"] for s in meta["splits"].values()),
+           "tokenizer": meta["settings"]["tokenizer"]}
+    print(f"{row['case']}: {mb:.0f} MB in {row['seconds']:.0f} s ({row['mb_per_s']:.2f} MB/s), "
+          f"peak RSS {row['peak_rss_mb']:.0f} MB, {row['tokens']:,} tokens, tokenizer {row['tokenizer']}")
+    write_json_atomic(ROOT / "bench" / "results" / "prepare_103.json",
+                      {"benchmark": "prepare_103", "workers": args.workers, "cpus": os.cpu_count(), **row})
 
 
 if __name__ == "__main__":

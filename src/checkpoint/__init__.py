@@ -7,6 +7,7 @@ from src.checkpoint.layout import (
     FORMAT_VERSION,
     TRAIN_HINT,
     best_checkpoint,
+    checkpoint_from_args,
     checkpoint_name,
     is_complete,
     latest_checkpoint,
@@ -31,7 +32,8 @@ from src.checkpoint.weights import (
 )
 
 __all__ = [
-    "CHECKPOINTS", "FORMAT_VERSION", "TRAIN_HINT", "best_checkpoint", "checkpoint_name",
+    "CHECKPOINTS", "FORMAT_VERSION", "TRAIN_HINT", "best_checkpoint", "checkpoint_from_args",
+    "checkpoint_name",
     "is_complete", "latest_checkpoint", "list_checkpoints", "load_model", "load_run_tokenizer",
     "newest_run", "publish_checkpoint", "read_pointer", "read_state", "read_weights",
     "resolve_checkpoint", "run_dir_of", "save_model_checkpoint", "save_tensors", "split_shared",

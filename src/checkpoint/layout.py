@@ -101,9 +101,10 @@ def newest_run(runs: Path) -> Path | None:
     return max(candidates)[1] if candidates else None
 
 
-def resolve_checkpoint(path: str | Path | None = None) -> Path:
-    """A run dir (its best checkpoint, else its latest), a checkpoint dir, or None (the newest
-    run under ./runs) -> the checkpoint folder to load. UserError when there is none."""
+def resolve_checkpoint(path: str | Path | None = None, choice: str = "best") -> Path:
+    """A run dir, a checkpoint dir, or None (the newest run under ./runs) -> the checkpoint
+    folder to load. Of a run, ``choice`` picks: "best" (the lowest validation loss; the latest
+    when none is marked), "latest", or a step number ("1200"). UserError when there is none."""
     if path is None:
         runs = Path("runs")
         run = newest_run(runs)
@@ -121,10 +122,32 @@ def resolve_checkpoint(path: str | Path | None = None) -> Path:
         return path
     if path.name == CHECKPOINTS:
         path = path.parent
-    ckpt = best_checkpoint(path) or latest_checkpoint(path)
+    if choice.isdigit():
+        ckpt = path / CHECKPOINTS / checkpoint_name(int(choice))
+        if not is_complete(ckpt):
+            steps = ", ".join(str(int(p.name[5:])) for p in list_checkpoints(path)) or "none"
+            raise UserError(f"no complete checkpoint of step {int(choice)} in {path} "
+                            f"(steps there: {steps})")
+        return ckpt
+    if choice not in ("best", "latest"):
+        raise UserError(f"--checkpoint {choice!r}: expected best, latest, a step number or a "
+                        "checkpoint folder")
+    ckpt = latest_checkpoint(path) if choice == "latest" else best_checkpoint(path) or latest_checkpoint(path)
     if ckpt is None:
         raise UserError(f"no complete checkpoint in {path}; {TRAIN_HINT}")
     return ckpt
+
+
+def checkpoint_from_args(run: str | None, checkpoint: str | None) -> Path:
+    """The checkpoint a command line names with ``--run DIR`` (default: the newest run) and
+    ``--checkpoint best|latest|STEP`` (default best) or ``--checkpoint PATH`` (a checkpoint
+    folder, then without --run). The one rule for chat.py, evaluate.py and generate.py."""
+    if checkpoint and not (checkpoint in ("best", "latest") or checkpoint.isdigit()):
+        if run:
+            raise UserError("--checkpoint PATH names a checkpoint folder on its own; with --run "
+                            "give --checkpoint best, latest or a step number")
+        return resolve_checkpoint(checkpoint)
+    return resolve_checkpoint(run, checkpoint or "best")
 
 
 def run_dir_of(ckpt: Path) -> Path:

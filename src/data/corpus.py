@@ -8,7 +8,8 @@ A unit is ``(kind, payload, ends_document)``; kind "wiki": the release text of a
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import math
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,14 +33,15 @@ class Part:
     variant: str | None = None  # WikiText: "raw" or "tokens"
     num_units: int = 0
     input_bytes: int = 0
+    text_chars: int = 0  # characters of release text in its units (counted with num_units)
 
 
 def _file_record(info: sources.InputFile) -> dict:
     return {"path": str(info.path), "sha256": info.sha256, "bytes": info.bytes}
 
 
-def _local_wikitext(data_dir: Path, split: str, variant: str) -> Part:
-    path = sources.find_wikitext_file(data_dir, split, variant)
+def _local_wikitext(data_dir: Path, split: str, variant: str, size: str | None) -> Part:
+    path = sources.find_wikitext_file(data_dir, split, variant, size)
     info = sources.check_text_file(path)
 
     def units() -> Iterator[Unit]:
@@ -126,10 +128,12 @@ def resolve_parts(
     wikitext_variant: str,
     text_files: list[Path],
     text_val_every: int,
+    wikitext_size: str | None = None,
 ) -> list[Part]:
     """Find, check and count every input, before anything is written.
 
-    Releases are read from ``data_dir`` when given (WikiText in ``wikitext_variant``),
+    Releases are read from ``data_dir`` when given (WikiText in ``wikitext_variant``, of
+    release ``wikitext_size`` "2" or "103" when given),
     else from the Hub (WikiText config ``hub_wikitext``); the user's ``text_files`` hold
     out every ``text_val_every``-th piece for validation and have no test split.
     """
@@ -141,12 +145,15 @@ def resolve_parts(
             continue
         for split in splits:
             if source == "wikitext":
-                part = _local_wikitext(data_dir, split, wikitext_variant) if data_dir else _hub_wikitext(hub_wikitext, split)
+                part = (_local_wikitext(data_dir, split, wikitext_variant, wikitext_size) if data_dir
+                        else _hub_wikitext(hub_wikitext, split))
             else:
                 part = _local_dailydialog(data_dir, split) if data_dir else _hub_dailydialog(split)
             parts.append(part)
     for part in parts:  # a full streaming pass: finds malformed lines now, not mid-way
-        part.num_units = sum(1 for _ in part.make_units())
+        for unit in part.make_units():
+            part.num_units += 1
+            part.text_chars += unit_chars(unit)
         part.input_bytes = sum(r.get("bytes", 0) for r in part.inputs)
         if part.num_units == 0 and part.source != "text":
             where = part.inputs[0].get("path") or part.inputs[0].get("hub")
@@ -162,3 +169,18 @@ def unit_texts(unit: Unit, detokenize: bool) -> list[str]:
     if kind == "dialog":
         return [detokenize_dailydialog(u) for u in payload] if detokenize else list(payload)
     return [payload]
+
+
+def unit_chars(unit: Unit) -> int:
+    """Characters of release text in a unit (what tokenizer sampling is sized by)."""
+    kind, payload, _ = unit
+    return sum(map(len, payload)) if kind == "dialog" else len(payload)
+
+
+def spread_sample(units: Iterable[Unit], fraction: float) -> Iterator[Unit]:
+    """About ``fraction`` of ``units``, evenly spread through the stream (unit i is kept when
+    floor((i+1) f) > floor(i f)), so a sample of a large corpus sees all of it, not its start.
+    Deterministic; ``fraction`` >= 1 keeps everything."""
+    for i, unit in enumerate(units):
+        if fraction >= 1 or math.floor((i + 1) * fraction) > math.floor(i * fraction):
+            yield unit

@@ -5,6 +5,7 @@
     python src/data/prepare_data.py --text my_book.txt             # your own text (.txt or .jsonl)
     python src/data/prepare_data.py --data-dir D --mix wikitext=1,dailydialog=2
     python src/data/prepare_data.py --data-dir D --splits test     # test.bin, for evaluation only
+    python src/data/prepare_data.py --wikitext 103                 # WikiText-103 (~540 MB) + DailyDialog
 
 What it writes into ``--out`` (default ``data/``):
     tokenizer.json   the BPE tokenizer, trained on the training split (or --tokenizer PATH)
@@ -31,7 +32,10 @@ written; each output file appears atomically; meta.json is written last and remo
 first, so a half-finished run is never trusted. A re-run with the same inputs (sha256)
 and settings finds its fingerprint in meta.json and does nothing (``--force`` redoes it).
 Encoding streams documents through worker processes in bounded batches, so memory does
-not grow with the corpus.
+not grow with the corpus. The tokenizer is trained on all the training text up to
+``--tokenizer-sample-mb`` (64 MB of text by default), and on an evenly spread sample of whole
+documents of that size beyond it (WikiText-103: about 12%; the cost in bytes per token is
+measured in docs/experiments.md), so its memory and time stay bounded too.
 
 The pieces: corpus.py finds and checks the inputs (parts and their documents),
 token_files.py encodes them and writes the mixed split files, and this file holds the
@@ -56,7 +60,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import numpy as np
 
 from src.data import sources
-from src.data.corpus import Part, resolve_parts, unit_texts
+from src.data.corpus import Part, resolve_parts, spread_sample, unit_texts
 from src.data.token_files import Encoder, write_split
 from src.tokenizer.bpe import BPETokenizer
 from src.tokenizer.special_tokens import NUM_RESERVED_SPECIAL
@@ -66,6 +70,9 @@ from src.utils.cli import UserError, run_cli
 FORMAT_VERSION = 1
 KNOWN_SOURCES = ("wikitext", "dailydialog", "text")
 SPLIT_NAMES = {"train": "train", "validation": "val", "test": "test"}  # reader name -> file stem
+# Above this much training text (MB of characters) the tokenizer learns from an evenly spread
+# sample of this size: its chunk counts, hence its memory and time, stay bounded.
+TOKENIZER_SAMPLE_MB = 64.0
 
 
 # ---------------------------------------------------------------------------------------
@@ -149,7 +156,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--sources",
         help="comma-separated subset of wikitext,dailydialog,text (default: wikitext,dailydialog; only text when --text is given)",
     )
-    p.add_argument("--wikitext", default="wikitext-2-raw-v1", choices=sources.HUB_WIKITEXT_CONFIGS, help="WikiText config on the Hub")
+    p.add_argument("--wikitext", choices=(*sources.WIKITEXT_SIZES, *sources.HUB_WIKITEXT_CONFIGS),
+                   help="2 or 103 (WikiText-103: ~50x the text), or a Hub config; with --data-dir, "
+                   "picks the wikitext-2*/ or wikitext-103*/ folder (default: WikiText-2 from the Hub, "
+                   "any one release in --data-dir)")
     p.add_argument(
         "--wikitext-variant",
         default="auto",
@@ -159,6 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-tokenized", action="store_true", help="keep the releases' tokenised text instead of natural text")
     p.add_argument("--tokenizer", help="reuse this tokenizer.json instead of training one")
     p.add_argument("--vocab-size", type=int, default=16384, help="total ids of a trained tokenizer, incl. 16 reserved specials")
+    p.add_argument("--tokenizer-sample-mb", type=float, default=TOKENIZER_SAMPLE_MB,
+                   help="train the tokenizer on an evenly spread sample of this many MB of the training text when there is more (0: all of it)")
     p.add_argument("--out", default="data", help="output folder")
     p.add_argument("--splits", default="train,val", help="train,val (default), or test on its own")
     p.add_argument("--mix", help="training weights, e.g. wikitext=1,dailydialog=2 (repeats documents; fractions allowed)")
@@ -200,6 +212,8 @@ def main(argv: list[str] | None = None) -> int:
     source_names, weights = choose_sources(args, splits)
     if args.text_val_every < 2:
         raise UserError(f"--text-val-every {args.text_val_every}: must be at least 2")
+    if not (math.isfinite(args.tokenizer_sample_mb) and args.tokenizer_sample_mb >= 0):
+        raise UserError(f"--tokenizer-sample-mb {args.tokenizer_sample_mb}: must be a number of MB >= 0")
     if args.vocab_size < 256 + NUM_RESERVED_SPECIAL and not args.tokenizer:
         raise UserError(f"--vocab-size {args.vocab_size}: must be at least {256 + NUM_RESERVED_SPECIAL} (256 bytes + specials)")
     detokenize = not args.keep_tokenized
@@ -208,14 +222,20 @@ def main(argv: list[str] | None = None) -> int:
     # 1. Check every input and the tokenizer before writing anything.
     parts = resolve_parts(
         source_names, splits, data_dir=Path(args.data_dir) if args.data_dir else None,
-        hub_wikitext=args.wikitext, wikitext_variant=args.wikitext_variant,
+        hub_wikitext=sources.hub_wikitext_config(args.wikitext or "2"),
+        wikitext_variant=args.wikitext_variant,
         text_files=[Path(p) for p in args.text], text_val_every=args.text_val_every,
+        wikitext_size=sources.wikitext_size_of(args.wikitext) if args.wikitext else None,
     )
     train_parts = [p for p in parts if p.split == "train"]
     if "train" in splits and not any(p.num_units for p in train_parts):
         raise UserError("the training split has no documents")
     tokenizer_path = _given_tokenizer_path(args.tokenizer, splits, out)
     given_tok = BPETokenizer.load(tokenizer_path) if tokenizer_path else None
+    tok_settings: dict[str, Any] = {"train": True, "vocab_size": args.vocab_size}
+    sample = tokenizer_sample_fraction(train_parts, args.tokenizer_sample_mb)
+    if sample < 1:  # recorded only when sampling, so small corpora keep their fingerprints
+        tok_settings["sample_mb"] = args.tokenizer_sample_mb
 
     settings = {
         "format_version": FORMAT_VERSION,
@@ -223,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
         "sources": source_names,
         "mix": weights if "train" in splits else None,
         "detokenized": detokenize,
-        "tokenizer": given_tok.hash if given_tok else {"train": True, "vocab_size": args.vocab_size},
+        "tokenizer": given_tok.hash if given_tok else tok_settings,
         "text_val_every": args.text_val_every if "text" in source_names else None,
     }
     fp = fingerprint(settings, parts)
@@ -236,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     (out / "meta.json").unlink(missing_ok=True)
     if given_tok is None:
-        tok = _trained_tokenizer(out, train_parts, args.vocab_size, detokenize, args.force)
+        tok = _trained_tokenizer(out, train_parts, args.vocab_size, detokenize, args.force, sample)
     else:
         tok = given_tok
         if tokenizer_path.resolve() != (out / "tokenizer.json").resolve():
@@ -320,15 +340,29 @@ def _meta(
     }
 
 
-def _trained_tokenizer(out: Path, train_parts: list[Part], vocab_size: int, detokenize: bool, force: bool) -> BPETokenizer:
-    """Train the tokenizer on the training texts and save it, or reuse the one a previous
+def tokenizer_sample_fraction(train_parts: list[Part], sample_mb: float) -> float:
+    """The share of the training documents the tokenizer learns from: 1 up to ``sample_mb``
+    MB of text (0: no limit), ``sample_mb`` / total beyond."""
+    total = sum(p.text_chars for p in train_parts)
+    if not sample_mb or total <= sample_mb * 1e6:
+        return 1.0
+    return sample_mb * 1e6 / total
+
+
+def _trained_tokenizer(out: Path, train_parts: list[Part], vocab_size: int, detokenize: bool,
+                       force: bool, sample: float = 1.0) -> BPETokenizer:
+    """Train the tokenizer on the training texts (``sample`` < 1: on that share of the
+    documents of each part, evenly spread) and save it, or reuse the one a previous
     (perhaps interrupted) run trained from the same inputs and settings.
 
     ``.tokenizer.fingerprint`` beside tokenizer.json records what it was trained from and
     its hash; the mix weights are not part of it, so changing only --mix keeps it.
     """
     stamp_path = out / ".tokenizer.fingerprint"
-    stamp = fingerprint({"vocab_size": vocab_size, "detokenized": detokenize, "format_version": FORMAT_VERSION}, train_parts)
+    stamp_settings = {"vocab_size": vocab_size, "detokenized": detokenize, "format_version": FORMAT_VERSION}
+    if sample < 1:
+        stamp_settings["sample"] = sample
+    stamp = fingerprint(stamp_settings, train_parts)
     if not force and stamp_path.is_file() and (out / "tokenizer.json").is_file():
         recorded = stamp_path.read_text(encoding="utf-8").split()
         try:
@@ -338,8 +372,13 @@ def _trained_tokenizer(out: Path, train_parts: list[Part], vocab_size: int, deto
         if tok is not None and recorded == [stamp, tok.hash]:
             print(f"reusing {out / 'tokenizer.json'}: trained from the same inputs and settings", file=sys.stderr)
             return tok
-    print(f"training the tokenizer (vocab {vocab_size}) on the training split", file=sys.stderr)
-    texts = (t for p in train_parts for u in p.make_units() for t in unit_texts(u, detokenize))
+    total_mb = sum(p.text_chars for p in train_parts) / 1e6
+    which = (f"an evenly spread {sample:.1%} of the documents of the training split "
+             f"({sample * total_mb:,.0f} of {total_mb:,.0f} MB; --tokenizer-sample-mb)"
+             if sample < 1 else "the training split")
+    print(f"training the tokenizer (vocab {vocab_size}) on {which}", file=sys.stderr)
+    texts = (t for p in train_parts for u in spread_sample(p.make_units(), sample)
+             for t in unit_texts(u, detokenize))
     tok = BPETokenizer.train(texts, vocab_size, show_progress=True)
     stamp_path.unlink(missing_ok=True)
     tok.save(out / "tokenizer.json")

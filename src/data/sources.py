@@ -16,9 +16,11 @@ Local layouts (``--data-dir DIR``), as the original releases ship them:
   training, so its ``wiki.valid.tokens`` is used, not its ``wiki.valid.raw``); without any
   training file (or without that variant's file for a split), the raw file when there is
   one, else the tokens file.
-  ``variant="raw"`` or ``"tokens"`` forces one. Two candidates of the same variant
-  (e.g. wikitext-2-raw/ and wikitext-103-raw/ side by side) are an error: point
-  ``--data-dir`` at the one you mean.
+  ``variant="raw"`` or ``"tokens"`` forces one. ``size="2"`` or ``"103"``
+  (``prepare_data.py --wikitext 103``) keeps only the subfolders of that release
+  (``wikitext-103/``, ``wikitext-103-raw/``, ...; files in DIR itself always count). Two
+  candidates of the same variant (e.g. wikitext-2-raw/ and wikitext-103-raw/ side by side,
+  without a size) are an error: point ``--data-dir`` at the one you mean or give the size.
 * DailyDialog: ``{train,validation,test}/dialogues_<split>.txt`` in ``DIR/dailydialog``,
   ``DIR/ijcnlp_dailydialog`` or DIR itself; one dialogue per line, each utterance
   followed by ``__eou__``.
@@ -50,6 +52,7 @@ WIKITEXT_VARIANTS = ("raw", "tokens")
 
 HUB_WIKITEXT = "Salesforce/wikitext"
 HUB_WIKITEXT_CONFIGS = ("wikitext-2-raw-v1", "wikitext-2-v1", "wikitext-103-raw-v1", "wikitext-103-v1")
+WIKITEXT_SIZES = ("2", "103")  # --wikitext 2 / 103: the release, raw text from the Hub
 # The Hub's DailyDialog is a loading-script dataset, which datasets>=4 refuses to run; the
 # Hub's Parquet conversion of it (same rows: "dialog", "act", "emotion") lives on this branch.
 HUB_DAILYDIALOG = "li2017dailydialog/daily_dialog"
@@ -136,8 +139,22 @@ def iter_lines(path: Path) -> Iterator[str]:
 # WikiText
 
 
-def find_wikitext_file(data_dir: str | os.PathLike, split: str, variant: str = "auto") -> Path:
-    """The local WikiText file of ``split`` (see the module docstring for the rule)."""
+def wikitext_size_of(config: str) -> str | None:
+    """``"2"`` / ``"103"`` for a size or a Hub config name (``wikitext-103-raw-v1``), else None."""
+    match = re.fullmatch(r"(?:wikitext-)?(2|103)(?:-.*)?", config.lower())
+    return match.group(1) if match else None
+
+
+def hub_wikitext_config(name: str) -> str:
+    """``--wikitext 2`` / ``103`` -> the Hub config of that release's raw text; a config name
+    is returned as is."""
+    return f"wikitext-{name}-raw-v1" if name in WIKITEXT_SIZES else name
+
+
+def find_wikitext_file(data_dir: str | os.PathLike, split: str, variant: str = "auto",
+                       size: str | None = None) -> Path:
+    """The local WikiText file of ``split`` (see the module docstring for the rule), of the
+    release ``size`` ("2" or "103") when given."""
     data_dir = Path(data_dir)
     split = canonical_split(split)
     if not data_dir.is_dir():
@@ -146,6 +163,7 @@ def find_wikitext_file(data_dir: str | os.PathLike, split: str, variant: str = "
         raise UserError(f"unknown WikiText variant {variant!r}; expected auto, raw or tokens")
     folders = [data_dir] + sorted(
         p for p in data_dir.iterdir() if p.is_dir() and p.name.lower().startswith("wikitext")
+        and (size is None or wikitext_size_of(p.name) == size)
     )
     stem = f"wiki.{_WIKITEXT_FILE_SPLIT[split]}"
     if variant == "auto":
@@ -160,12 +178,13 @@ def find_wikitext_file(data_dir: str | os.PathLike, split: str, variant: str = "
         if len(found) > 1:
             raise UserError(
                 f"{data_dir}: several WikiText {split} files ({', '.join(str(p) for p in found)}); "
-                "point --data-dir at the folder of the one you mean"
+                "point --data-dir at the folder of the one you mean, or give --wikitext 2 or 103"
             )
         if found:
             return found[0]
     names = " or ".join(f"{stem}.{kind}" for kind in wanted)
-    raise UserError(f"{data_dir}: no WikiText {split} file ({names}) in it or its wikitext*/ folders")
+    where = f"wikitext-{size}*/" if size else "wikitext*/"
+    raise UserError(f"{data_dir}: no WikiText {split} file ({names}) in it or its {where} folders")
 
 
 def wikitext_variant_of(path: Path) -> str:

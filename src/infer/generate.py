@@ -25,7 +25,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo root
 
 
-from src.checkpoint import load_model
+from src.checkpoint import checkpoint_from_args, load_model
 from src.infer.sampling import TEXT_DEFAULTS, SamplingSettings, generate, rename_setting_in_error
 from src.utils.cli import UserError, run_cli
 from src.utils.device import make_generator, pick_device
@@ -58,16 +58,17 @@ def read_prompt_file(path: str) -> str:
 
 def add_loading_args(parser: argparse.ArgumentParser) -> None:
     """--run / --checkpoint / --device, shared with chat.py."""
-    where = parser.add_mutually_exclusive_group()
-    where.add_argument("--run", help="a run directory (default: the newest run under runs/)")
-    where.add_argument("--checkpoint", help="a checkpoint directory inside a run")
+    parser.add_argument("--run", help="a run directory (default: the newest run under runs/)")
+    parser.add_argument("--checkpoint", help="which checkpoint of the run: best (default: lowest "
+                        "validation loss), latest, a step number, or a checkpoint folder")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: auto)")
 
 
 def load_model_from_args(args: argparse.Namespace):
-    """(model, tokenizer, info) from --run/--checkpoint (or the newest run) on --device;
-    safetensors only."""
-    return load_model(args.run or args.checkpoint, device=pick_device(args.device))
+    """(model, tokenizer, info) from --run/--checkpoint (default: the newest run's best
+    checkpoint) on --device; safetensors only."""
+    ckpt = checkpoint_from_args(args.run, args.checkpoint)
+    return load_model(ckpt, device=pick_device(args.device))
 
 
 def settings_from_args(

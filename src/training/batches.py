@@ -113,6 +113,19 @@ def open_tokens(data_dir: str | Path, split: str, meta: dict[str, Any] | None = 
     return np.memmap(path, dtype=dtype, mode="r")
 
 
+def windows_per_epoch(num_tokens: int, context_length: int) -> int:
+    """Training windows in one epoch of ``num_tokens`` tokens: room for any phase in [0, T)
+    plus the one-token target shift. UserError when the data is too short for one."""
+    windows = (num_tokens - context_length) // context_length
+    if windows < 1:
+        raise UserError(
+            f"the training split has {num_tokens} tokens, too few for context length "
+            f"{context_length} (need at least {2 * context_length}); prepare more data or "
+            "lower --context-length"
+        )
+    return windows
+
+
 class BatchLoader:
     """Deterministic (input, target) batches for one process of a (possibly distributed) run:
     the pretraining :class:`BatchSource`.
@@ -120,7 +133,8 @@ class BatchLoader:
     Contract: ``next_batch()`` returns the ``grad_accum`` micro-batches of the next optimiser
     step for this rank, each a pair of int64 tensors of shape (batch_size, context_length),
     and advances ``sample_index`` by the global batch. ``state_dict()``/``load_state_dict()``
-    save and restore the position exactly.
+    save and restore the position exactly. ``pin_memory`` (for a CUDA run) returns the
+    tensors in page-locked memory.
     """
 
     def __init__(
@@ -132,21 +146,17 @@ class BatchLoader:
         seed: int = 0,
         rank: int = 0,
         world_size: int = 1,
+        pin_memory: bool = False,
     ) -> None:
         self.tokens = tokens
+        self.pin_memory = pin_memory  # page-locked batches: non-blocking copies to a GPU
         self.T = context_length
         self.batch_size = batch_size
         self.grad_accum = grad_accum
         self.seed = seed
         self.rank = rank
         self.world_size = world_size
-        # Windows per epoch: room for any phase in [0, T) plus the one-token target shift.
-        self.windows_per_epoch = (len(tokens) - self.T) // self.T
-        if self.windows_per_epoch < 1:
-            raise UserError(
-                f"the training split has {len(tokens)} tokens, too few for context length {self.T} "
-                f"(need at least {2 * self.T}); prepare more data or lower --context-length"
-            )
+        self.windows_per_epoch = windows_per_epoch(len(tokens), self.T)
         self.sample_index = 0
         self._epoch_cache: tuple[int, int, np.ndarray] | None = None
 
@@ -185,7 +195,10 @@ class BatchLoader:
         starts = self.window_starts(first, self.batch_size)
         rows = np.stack([np.asarray(self.tokens[s : s + self.T + 1], dtype=np.int64) for s in starts])
         t = torch.from_numpy(rows)
-        return t[:, :-1].contiguous(), t[:, 1:].contiguous()
+        x, y = t[:, :-1].contiguous(), t[:, 1:].contiguous()
+        if self.pin_memory:  # then .to(cuda, non_blocking=True) overlaps with the GPU's work
+            x, y = x.pin_memory(), y.pin_memory()
+        return x, y
 
     def next_batch(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """This rank's micro-batches of the next step (rank r takes the r-th share)."""

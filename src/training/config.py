@@ -75,6 +75,9 @@ class TrainConfig:
     eval_batch_size: int = 8
     checkpoint_interval: int | None = None  # None: at every evaluation
     keep_last: int = 3  # step checkpoints kept (the best is kept in addition)
+    early_stop_patience: int | None = None  # stop after N evaluations without a better val loss
+    # --- data awareness ----------------------------------------------------------------
+    max_epochs: float | None = None  # warn when the run would pass over train.bin more often
     # --- hardware ----------------------------------------------------------------------
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     dtype: str = "auto"  # auto (bf16 where supported) | bf16 | fp16 | fp32
@@ -118,6 +121,8 @@ HELP: dict[str, str] = {
     "eval_stride": "sliding-window stride of validation (default: context length)",
     "checkpoint_interval": "steps between checkpoints (default: eval_interval)",
     "keep_last": "number of recent checkpoints kept, besides the best",
+    "early_stop_patience": "stop after N evaluations in a row without a better val loss (None: off)",
+    "max_epochs": "warn at the start when the run would pass over the training data more often",
     "peak_tflops": "device peak TFLOP/s for the MFU readout (known GPUs need none)",
 }
 
@@ -194,6 +199,9 @@ def build_parser() -> argparse.ArgumentParser:
         "Defaults shown are the small preset's; other presets change some of them.",
     )
     p.add_argument("--config", default=None, help="YAML or JSON file of settings (flags override it)")
+    p.add_argument("--plan", action="store_true",
+                   help="print the run's plan (params, tokens, epochs, estimated time, warnings) as "
+                   "one JSON line and exit: nothing is trained or written")
     defaults = TrainConfig()
     for f in fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
@@ -233,6 +241,11 @@ def resolve_config(
     if "max_steps" in explicit and "time_budget" not in explicit and base is None:
         explicit["time_budget"] = None
     return make_config(explicit, base=base), explicit
+
+
+def plan_requested(argv: list[str] | None = None) -> bool:
+    """Whether the command line asks for ``--plan`` (the plan only, no training)."""
+    return build_parser().parse_args(argv).plan
 
 
 def make_config(overrides: dict[str, Any], base: dict[str, Any] | None = None) -> TrainConfig:
@@ -278,6 +291,10 @@ def validate(cfg: TrainConfig) -> None:
     need(cfg.time_budget is None or (math.isfinite(cfg.time_budget) and cfg.time_budget >= 0),
          f"time_budget must be minutes >= 0, got {cfg.time_budget}")
     need(cfg.peak_tflops is None or cfg.peak_tflops > 0, f"peak_tflops must be positive, got {cfg.peak_tflops}")
+    need(cfg.early_stop_patience is None or cfg.early_stop_patience >= 1,
+         f"early_stop_patience must be at least 1, got {cfg.early_stop_patience}")
+    need(cfg.max_epochs is None or (math.isfinite(cfg.max_epochs) and cfg.max_epochs > 0),
+         f"max_epochs must be a positive number, got {cfg.max_epochs}")
     need(cfg.stop_at_step is None or cfg.stop_at_step >= 1, f"stop_at_step must be at least 1, got {cfg.stop_at_step}")
     dev = cfg.device
     need(dev in ("auto", "cpu", "cuda", "mps") or (dev.startswith("cuda:") and dev[5:].isdigit()),

@@ -7,9 +7,12 @@ One iteration of :meth:`TrainLoop.run`, top to bottom::
                         a finite-loss guard; gradient clipping; the optimiser update
     log                 metrics.jsonl, TensorBoard, progress bar (tokens/s, ETA)
     time budget         plans max_steps once the speed is measured (src/training/time_budget.py)
-    evaluate_if_due     every eval_interval steps and at the end; the time budget re-plans
+    evaluate_if_due     every eval_interval steps and at the end; the time budget re-plans;
+                        early stopping counts evaluations without a better validation loss
     checkpoint_due      every checkpoint_interval steps, at a new best, at the end, on a stop
-    stop?               Ctrl-C / SIGTERM (caught by StopSignals), --stop-at-step, budget overrun
+    stop?               Ctrl-C / SIGTERM (caught by StopSignals), --stop-at-step, budget overrun,
+                        early stop (``early_stop_patience`` evaluations in a row without a new
+                        best; the best checkpoint is the one to use, marked ``best``)
 
 The loop is independent of what it trains on: ``batches`` is any BatchSource (pretraining:
 BatchLoader over train.bin; a fine-tuning stage: masked conversation batches), ``evaluate`` any
@@ -19,7 +22,8 @@ src/training/trainer.py's job.
 Exact resume: a checkpoint holds the weights, the optimiser, every RNG (src/training/checkpoint.py)
 and the loop's own state, written by :meth:`TrainLoop.save` and read back by
 :meth:`TrainLoop.__init__` from ``resume_state``: step, tokens seen, training seconds, best
-validation loss, the time budget's plan and the batch source's position.
+validation loss (and its step), evaluations since it, the time budget's plan and the batch
+source's position.
 """
 
 from __future__ import annotations
@@ -124,6 +128,8 @@ class TrainLoop:
         self.tokens_seen = state.get("tokens_seen", 0)
         self.seconds_before = state.get("train_seconds", 0.0)  # of earlier invocations
         self.best_val = state.get("best_val_loss") or math.inf
+        self.best_step = state.get("best_step")
+        self.evals_since_best = state.get("evals_since_best", 0)
         if "loader" in state:
             batches.load_state_dict(state["loader"])
         self.budget = TimeBudget(
@@ -156,6 +162,8 @@ class TrainLoop:
         self.raw_model.train()
         with StopSignals() as signals, self._run_log() as log:
             self.t_start = time.time()
+            if self.stopped_early:  # resumed after an early stop: nothing left to do
+                return f"already stopped early at step {self.step}{self._best_text()}"
             while self.step < self.max_steps:
                 if cfg.stop_at_step is not None and self.step >= cfg.stop_at_step:
                     end_reason = f"stopped at step {self.step} (--stop-at-step)"
@@ -175,8 +183,12 @@ class TrainLoop:
                 finished = self.step >= self.max_steps
                 val_loss, is_best = self.evaluate_if_due(log, finished)
                 interrupted = any_rank(bool(signals.received), self.dist, self.device)
-                if self.checkpoint_due(finished, interrupted, is_best):
+                if self.checkpoint_due(finished, interrupted or self.stopped_early, is_best):
                     self.save(val_loss, is_best)
+                if self.stopped_early:
+                    end_reason = (f"early stop at step {self.step}: no better val loss in "
+                                  f"{self.evals_since_best} evaluations{self._best_text()}")
+                    break
                 if interrupted:
                     who = ", ".join(signals.received) or "signal on another rank"
                     end_reason = f"interrupted ({who}) at step {self.step}"
@@ -242,11 +254,27 @@ class TrainLoop:
         val_loss = result["val_loss"]
         is_best = val_loss < self.best_val
         self.best_val = min(self.best_val, val_loss)
+        if is_best:
+            self.best_step, self.evals_since_best = self.step, 0
+        else:
+            self.evals_since_best += 1
         log.evaluation({"step": self.step, **result, "best_val_loss": self.best_val},
                        format_evaluation(self.step, result, is_best))
         if self.budget.after_evaluation(self.step, self.train_seconds()):
             log.bar.total = self.max_steps
         return val_loss, is_best
+
+    @property
+    def stopped_early(self) -> bool:
+        """Whether ``early_stop_patience`` evaluations in a row brought no better val loss. The
+        decision is the same on every process: they all evaluate the same validation set."""
+        patience = self.cfg.early_stop_patience
+        return patience is not None and self.evals_since_best >= patience
+
+    def _best_text(self) -> str:
+        if self.best_step is None:
+            return ""
+        return f" (best val loss {self.best_val:.4f} at step {self.best_step}, checkpoint marked best)"
 
     def checkpoint_due(self, finished: bool, interrupted: bool, is_best: bool) -> bool:
         """Checkpoint every checkpoint_interval steps (default: eval_interval), at a new best
@@ -260,6 +288,7 @@ class TrainLoop:
         state = {
             "tokens_seen": self.tokens_seen, "train_seconds": self.train_seconds(),
             "best_val_loss": None if self.best_val == math.inf else self.best_val,
+            "best_step": self.best_step, "evals_since_best": self.evals_since_best,
             "val_loss": val_loss, "planned_steps": self.budget.planned_steps,
             "loader": self.batches.state_dict(),
             "schedule": {"name": self.cfg.schedule, "max_steps": self.max_steps,

@@ -46,6 +46,7 @@ from src.training.distributed import (
 )
 from src.training.loop import TrainLoop
 from src.training.optim import build_optimizers
+from src.training.plan import make_plan
 from src.training.presets import model_config
 from src.utils.atomic import write_json_atomic
 from src.utils.cli import UserError
@@ -104,7 +105,7 @@ def train(
     loss_hook: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
 ) -> dict[str, Any]:
     """Run (or resume, with ``cfg.resume``) training exactly as ``cfg`` says. Returns a summary
-    (run_dir, step, best_val_loss, last_loss, end_reason, max_steps).
+    (run_dir, step, best_val_loss, last_loss, end_reason, max_steps, epochs).
 
     ``loss_hook(step, loss)`` lets tests alter the logged loss of a step (e.g. inject a NaN).
     Raises UserError (incl. NonFiniteLoss) with a one-line message on a user-facing problem.
@@ -166,7 +167,7 @@ def _train(cfg: TrainConfig, device: torch.device, dist_info: DistInfo, loss_hoo
     world_tokens = cfg.batch_size * T * dist_info.world_size
     grad_accum = max(1, round(cfg.tokens_per_step / world_tokens))
     batches = BatchLoader(train_tokens, T, cfg.batch_size, grad_accum, cfg.seed,
-                          dist_info.rank, dist_info.world_size)
+                          dist_info.rank, dist_info.world_size, pin_memory=device.type == "cuda")
 
     # ---- 5. resume -------------------------------------------------------------------------
     resume_state = None
@@ -183,9 +184,14 @@ def _train(cfg: TrainConfig, device: torch.device, dist_info: DistInfo, loss_hoo
     if tokens_per_step != cfg.tokens_per_step:
         log(f"note: tokens_per_step {cfg.tokens_per_step:,} rounded to {tokens_per_step:,} "
             "(a whole number of micro-batches)")
+    eval_tokens = val_tokens if cfg.eval_tokens == 0 else val_tokens[: cfg.eval_tokens + 1]
+    if dist_info.is_main:  # passes over the data and the expected duration, before it starts
+        plan = make_plan(cfg, model_cfg, len(train_tokens), device, dist_info.world_size,
+                         eval_tokens=len(eval_tokens))
+        for line in plan.lines():
+            log(line)
 
     # ---- 6. the loop -------------------------------------------------------------------------
-    eval_tokens = val_tokens if cfg.eval_tokens == 0 else val_tokens[: cfg.eval_tokens + 1]
     loop = TrainLoop(
         cfg, model=model, raw_model=raw_model, optimizers=optimizers, batches=batches,
         evaluate=validation(raw_model, eval_tokens, tokenizer, cfg, device, amp_dtype),
@@ -204,17 +210,20 @@ def _train(cfg: TrainConfig, device: torch.device, dist_info: DistInfo, loss_hoo
     seconds = time.time() - loop.t_start
     done_steps = step - loop.start_step
     best_text = f"{best_val:.4f}" if math.isfinite(best_val) else "n/a (no evaluation yet)"
+    epochs = batches.epoch
     log(f"{end_reason}: step {step}/{max_steps}, last loss {loop.last_loss:.4f}, best val loss "
         f"{best_text}; {done_steps} steps in {seconds / 60:.1f} min "
-        f"({done_steps * tokens_per_step / max(seconds, 1e-9):,.0f} tokens/s)")
+        f"({done_steps * tokens_per_step / max(seconds, 1e-9):,.0f} tokens/s); "
+        f"{epochs:.2f} epochs of the training data seen")
     if dist_info.is_main and cfg.sample_tokens and done_steps and not cfg.fsdp:
         log(f"sample: {sample_text(raw_model, tokenizer, cfg.sample_tokens, device)!r}")
     log(f"saved to {run_dir}")
-    if step < max_steps:
+    if step < max_steps and not loop.stopped_early:
         log(f"continue: python train.py --run-dir {run_dir} --resume")
     log(f"chat with it: python chat.py --run {run_dir}")
     return {"run_dir": run_dir, "step": step, "best_val_loss": best_val,
-            "last_loss": loop.last_loss, "end_reason": end_reason, "max_steps": max_steps}
+            "last_loss": loop.last_loss, "end_reason": end_reason, "max_steps": max_steps,
+            "epochs": epochs}
 
 
 def open_run_dir(cfg: TrainConfig, data_dir: Path, meta: dict[str, Any], dist_info: DistInfo,
