@@ -28,7 +28,7 @@ def load_run_tokenizer(run_dir: Path, expected_hash: str | None) -> BPETokenizer
 
 
 def load_model(
-    path: str | Path | None = None, device: str | torch.device = "cpu"
+    path: str | Path | None = None, device: str | torch.device = "cpu", *, verify: bool = False
 ) -> tuple[GPT, BPETokenizer, dict[str, Any]]:
     """Load a trained model for inference: ``(GPT in eval mode, BPETokenizer, info)``.
 
@@ -36,9 +36,11 @@ def load_model(
     or None for the newest run under ``runs/``. ``info`` holds ``run_dir``, ``checkpoint``,
     ``step``, ``val_loss``, ``best_val_loss``, ``model_config``, ``train_config``,
     ``tokenizer_hash`` and ``data_meta`` (the data's meta.json, or None).
+    A damaged checkpoint of a run is skipped for the newest intact one, with one warning line;
+    sizes and formats are always checked, SHA-256s with ``verify`` (reads every byte).
     Weights are read with safetensors only; raises UserError if nothing usable is found.
     """
-    ckpt = resolve_checkpoint(path)
+    ckpt = resolve_checkpoint(path, verify=verify)
     run_dir = run_dir_of(ckpt)
     state = read_state(ckpt)
     model = GPT(GPTConfig.from_dict(state["model_config"]))

@@ -35,7 +35,7 @@ from src.infer.sampling import DEFAULT_TEMPERATURE, SamplingSettings, generate
 from src.model.gpt import GPT
 from src.tokenizer.bpe import BPETokenizer
 from src.training import checkpoint as ckpt_io
-from src.training.batches import BatchLoader, open_tokens, read_meta
+from src.training.batches import BatchLoader, open_tokens, prepare_hint, read_meta, verify_data
 from src.training.config import TrainConfig, make_config
 from src.training.distributed import (
     DistInfo,
@@ -132,12 +132,13 @@ def _train(cfg: TrainConfig, device: torch.device, dist_info: DistInfo, loss_hoo
     # ---- 2. data ---------------------------------------------------------------------------
     data_dir = Path(cfg.data)
     meta = read_meta(data_dir)
+    verify_data(data_dir, meta)  # sizes and SHA-256s, before anything is trained or written
     train_tokens = open_tokens(data_dir, "train", meta)
     val_tokens = open_tokens(data_dir, "val", meta)
     tokenizer = BPETokenizer.load(data_dir / "tokenizer.json")
     if tokenizer.hash != meta["tokenizer_hash"]:
         raise UserError(f"{data_dir / 'tokenizer.json'} does not match {data_dir / 'meta.json'} "
-                        "(tokenizer hash differs); re-run prepare_data.py")
+                        f"(tokenizer hash differs); {prepare_hint(data_dir)}")
 
     # ---- 3. run folder ---------------------------------------------------------------------
     run_dir, resume_from = open_run_dir(cfg, data_dir, meta, dist_info, device, log)
@@ -227,7 +228,9 @@ def open_run_dir(cfg: TrainConfig, data_dir: Path, meta: dict[str, Any], dist_in
     comm_device = device if device.type == "cuda" else torch.device("cpu")  # NCCL needs CUDA tensors
     run_dir = Path(broadcast_str(str(run_dir), dist_info, comm_device))
     cfg.run_dir = str(run_dir)
-    resume_from = reader.latest_checkpoint(run_dir) if cfg.resume else None
+    # The newest intact checkpoint (every file hashed); a damaged one is skipped, said once.
+    quiet = (lambda _line: None) if not dist_info.is_main else reader.warn
+    resume_from = reader.resume_checkpoint(run_dir, on_skip=quiet) if cfg.resume else None
     if cfg.resume and resume_from is None:
         log(f"--resume: no checkpoint in {run_dir} yet, starting fresh")
     if resume_from is None and reader.list_checkpoints(run_dir):
