@@ -13,17 +13,24 @@ from src.checkpoint.weights import WEIGHTS_FILE, read_weights
 from src.model.gpt import GPT, GPTConfig
 from src.tokenizer.bpe import BPETokenizer
 from src.utils.cli import UserError
+from src.utils.integrity import file_problem
 
 
 def load_run_tokenizer(run_dir: Path, expected_hash: str | None) -> BPETokenizer:
     """The run's copy of its tokenizer, checked against the hash its checkpoint recorded."""
     tok_path = run_dir / "tokenizer.json"
-    if not tok_path.is_file():
-        raise UserError(f"{run_dir} has no tokenizer.json (the run folder is incomplete)")
-    tokenizer = BPETokenizer.load(tok_path)
+    fix = (f"copy the tokenizer.json of the data the run was trained on (see {run_dir}/config.json, "
+           "\"data\") into the run folder")
+    problem = file_problem(tok_path)
+    if problem:
+        raise UserError(f"{run_dir}: {problem}; {fix}")
+    try:
+        tokenizer = BPETokenizer.load(tok_path)
+    except UserError as exc:
+        raise UserError(f"{exc}; {fix}") from None
     if tokenizer.hash != expected_hash:
         raise UserError(f"{tok_path} (hash {tokenizer.hash[:12]}) is not the tokenizer this "
-                        f"checkpoint was trained with ({str(expected_hash)[:12]})")
+                        f"checkpoint was trained with ({str(expected_hash)[:12]}); {fix}")
     return tokenizer
 
 

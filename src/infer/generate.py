@@ -57,17 +57,21 @@ def read_prompt_file(path: str) -> str:
 
 
 def add_loading_args(parser: argparse.ArgumentParser) -> None:
-    """--run / --checkpoint / --device, shared with chat.py."""
+    """--run / --checkpoint / --device / --verify, shared with chat.py and evaluate.py."""
     where = parser.add_mutually_exclusive_group()
     where.add_argument("--run", help="a run directory (default: the newest run under runs/)")
     where.add_argument("--checkpoint", help="a checkpoint directory inside a run")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: auto)")
+    parser.add_argument("--verify", action="store_true",
+                        help="check the SHA-256 of the checkpoint's files against its state.json "
+                             "before loading (sizes and formats are always checked)")
 
 
 def load_model_from_args(args: argparse.Namespace):
     """(model, tokenizer, info) from --run/--checkpoint (or the newest run) on --device;
-    safetensors only."""
-    return load_model(args.run or args.checkpoint, device=pick_device(args.device))
+    safetensors only; a damaged checkpoint of a run is skipped for the newest intact one."""
+    return load_model(args.run or args.checkpoint, device=pick_device(args.device),
+                      verify=getattr(args, "verify", False))
 
 
 def settings_from_args(

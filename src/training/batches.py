@@ -124,8 +124,9 @@ def verify_data(data_dir: str | Path, meta: dict[str, Any], splits: tuple[str, .
         return
     for name in ("tokenizer.json", *(f"{split}.bin" for split in splits)):
         problem = file_problem(data_dir / name, records.get(name), hashes=True)
-        if problem and name == "tokenizer.json" and "SHA-256" in problem:
-            problem = "tokenizer.json is not the tokenizer the token files were made with"
+        if problem and name == "tokenizer.json" and file_problem(data_dir / name) is None:
+            problem = ("tokenizer.json is not the tokenizer the token files were made with (its "
+                       "size or SHA-256 differs from meta.json's record)")
         if problem:
             raise UserError(f"prepared data in {data_dir} is damaged: {problem}; {prepare_hint(data_dir)}")
 
