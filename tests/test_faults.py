@@ -3,14 +3,18 @@ user does next (resume, chat/evaluate/generate's load, train on the data) and ch
 see (one line naming the file and what to do) and that no earlier good state is lost.
 
 The table of cases and outcomes in the README's "Reliability" section is generated from
-:data:`CASES` (``python tests/test_faults.py``); ``test_readme_table_is_current`` keeps it true.
+:data:`CASES` (``python -m tests.test_faults``); ``test_readme_table_is_current`` keeps it true.
 
 One tiny run is trained per module (checkpoints at steps 3 and 6, step 6 the best and the
-latest) and copied per case; the damage is always done to step 6 (or to the data / run files).
+latest) and copied per case; the damage is always done to step 6 (or to the data / run files). Tests run as root in CI,
+where chmod 000 does not stop reading: there the "unreadable" cases drop the DAC-override
+capabilities of the test's thread while the action runs, so the kernel really refuses.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import errno
 import hashlib
 import os
@@ -87,13 +91,13 @@ CKPT_FILES = ("model.safetensors", "optimizer.safetensors", "rng_rank0.safetenso
 DATA_FILES = ("train.bin", "val.bin", "tokenizer.json (data)", "meta.json")
 
 # Outcomes, as the README's table words them.
-FALLBACK = "skipped: step 3 used, one warning"
-REFUSED = "refused: one-line error, exit 2"
-UNUSED = "not needed: step 6 loads"
-UNDETECTED = "not detected (no hashing): step 6 loads"
-RESUMES = "resumes; damaged lines dropped (warned)"
+FALLBACK = "falls back"
+REFUSED = "refused"
+UNUSED = "loads (not needed)"
+UNDETECTED = "loads (not detected)"
+RESUMES = "resumes"
 ACTIONS = {"resume": "`train.py --resume`", "load": "`chat.py` / `evaluate.py` / `generate.py`",
-           "verify": "the same with `--verify`", "train": "`train.py` (start or resume)"}
+           "verify": "the same with `--verify`", "train": "`train.py`"}
 
 
 def expected(artifact: str, action: str, damage: str) -> str:
@@ -121,7 +125,9 @@ def outcome_table() -> str:
     lines = [head, "|" + "---|" * (len(DAMAGES) + 2)]
     for artifact, action in CASES:
         cells = [expected(artifact, action, d) for d in DAMAGES]
-        lines.append(f"| `{artifact}` | {ACTIONS[action]} | " + " | ".join(cells) + " |")
+        file, _, where = artifact.partition(" ")
+        label = f"`{file}` {where}".rstrip()
+        lines.append(f"| {label} | {ACTIONS[action]} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -157,12 +163,41 @@ def _warnings(err: str) -> list[str]:
     return [line for line in err.splitlines() if line.startswith("warning:")]
 
 
+@contextlib.contextmanager
+def _permissions_enforced():
+    """Make chmod 000 deny reading in this thread, also for root: as root, the DAC-override
+    capabilities are dropped from the effective set while the block runs (and restored)."""
+    if not IS_ROOT:
+        yield
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+
+    class Header(ctypes.Structure):
+        _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+    class Data(ctypes.Structure):
+        _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32),
+                    ("inheritable", ctypes.c_uint32)]
+
+    header, data = Header(0x20080522, 0), (Data * 2)()  # _LINUX_CAPABILITY_VERSION_3
+    if libc.capget(ctypes.byref(header), data) != 0:
+        pytest.skip("running as root and cannot read this thread's capabilities, so chmod 000 "
+                    "does not stop reading here")
+    saved = data[0].effective
+    data[0].effective &= ~((1 << 1) | (1 << 2))  # CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH
+    if libc.capset(ctypes.byref(header), data) != 0:
+        pytest.skip("running as root without the right to drop capabilities, so chmod 000 does "
+                    "not stop reading here")
+    try:
+        yield
+    finally:
+        data[0].effective = saved
+        libc.capset(ctypes.byref(header), data)
+
+
 @pytest.mark.parametrize("damage", list(DAMAGES))
 @pytest.mark.parametrize("artifact,action", CASES)
 def test_fault(base, tmp_path, capsys, artifact, action, damage):
-    if damage.startswith("unreadable") and IS_ROOT:
-        pytest.skip("running as root: chmod 000 does not stop root from reading, so this damage "
-                    "cannot be made here (run the suite as another user to try it)")
     case = _case(base, tmp_path)
     run = case / "run"
     step3 = run / "checkpoints" / "step_0000003"
@@ -173,13 +208,21 @@ def test_fault(base, tmp_path, capsys, artifact, action, damage):
     outcome = expected(artifact, action, damage)
     name = artifact.split(" ")[0]
 
-    if outcome == REFUSED:
-        with pytest.raises(UserError) as info:
-            if action == "load":
-                reader.load_model(run)
+    error, result = None, None
+    enforced = _permissions_enforced() if damage.startswith("unreadable") else contextlib.nullcontext()
+    with enforced:
+        try:
+            if action in ("load", "verify"):
+                result = reader.load_model(run, verify=action == "verify")[2]
             else:
-                _resume(case)
-        message = str(info.value)
+                result = _resume(case)
+        except UserError as exc:
+            error = exc
+    err = capsys.readouterr().err
+
+    if outcome == REFUSED:
+        assert error is not None, f"expected a refusal, got {result}"
+        message = str(error)
         assert "\n" not in message and name in message, message
         fix = {"train": "prepare_data.py --out", "load": "copy the tokenizer.json",
                "resume": "move it out of the way"}[action]
@@ -190,11 +233,9 @@ def test_fault(base, tmp_path, capsys, artifact, action, damage):
             assert {k: v for k, v in after.items() if not k.startswith(damaged)} == {
                 k: v for k, v in good_run.items() if k != damaged}
         return
-
+    assert error is None, error
     if action == "resume":
-        summary = _resume(case)
-        err = capsys.readouterr().err
-        assert summary["step"] == 6
+        assert result["step"] == 6
         if outcome == FALLBACK:
             (line,) = _warnings(err)
             assert "step_0000006" in line and name in line and "using step_0000003" in line, line
@@ -205,15 +246,12 @@ def test_fault(base, tmp_path, capsys, artifact, action, damage):
         else:  # metrics.jsonl
             assert all("metrics.jsonl" in w for w in _warnings(err)) and len(_warnings(err)) <= 1
         assert reader.checkpoint_problem(run / "checkpoints/step_0000006", hashes=True) is None
+    elif outcome == FALLBACK:
+        (line,) = _warnings(err)
+        assert "step_0000006" in line and name in line and "using step_0000003" in line, line
+        assert result["step"] == 3
     else:
-        _, _, info = reader.load_model(run, verify=action == "verify")
-        err = capsys.readouterr().err
-        if outcome == FALLBACK:
-            (line,) = _warnings(err)
-            assert "step_0000006" in line and name in line and "using step_0000003" in line, line
-            assert info["step"] == 3
-        else:
-            assert info["step"] == 6 and not _warnings(err)
+        assert result["step"] == 6 and not _warnings(err)
     assert _digests(step3) == good_step3  # the earlier good state is untouched
 
 
@@ -230,28 +268,21 @@ def test_no_intact_checkpoint_is_one_error(base, tmp_path):
         reader.load_model(case / "run/checkpoints/step_0000006")
 
 
-def test_cli_resume_and_chat_with_damaged_newest_checkpoint(base, tmp_path):
-    """As a user sees it: train.py --resume and chat.py skip the damaged newest checkpoint with
-    one warning line; with every checkpoint damaged, train.py exits 2 with one error line."""
+def test_cli_with_no_intact_checkpoint_exits_2_with_one_line(base, tmp_path):
+    """As a user sees it (the in-process cases above show the warnings): every checkpoint
+    damaged, `train.py --resume` prints one error line and exits 2."""
     import subprocess
 
     case = _case(base, tmp_path)
-    run = case / "run"
-    _truncate(run / "checkpoints/step_0000006/model.safetensors")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    chat = subprocess.run([sys.executable, "chat.py", "--run", str(run), "--max-tokens", "5"],
-                          input="Hello\n", capture_output=True, text=True, cwd=ROOT, env=env,
-                          timeout=120)
-    assert chat.returncode == 0, chat.stderr
-    (line,) = _warnings(chat.stderr)
-    assert re.search(r"step_0000006 is damaged \(model\.safetensors is .* bytes.*\); using "
-                     r"step_0000003 instead", line), line
-    _truncate(run / "checkpoints/step_0000003/model.safetensors")
+    for step in ("step_0000003", "step_0000006"):
+        _truncate(case / "run/checkpoints" / step / "model.safetensors")
     resume = subprocess.run([sys.executable, "train.py", "--data", str(case / "data"), "--run-dir",
-                             str(run), "--resume", "--no-progress"], capture_output=True,
-                            text=True, cwd=ROOT, env=env, timeout=120)
+                             str(case / "run"), "--resume", "--no-progress"], capture_output=True,
+                            text=True, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            timeout=120)
     assert resume.returncode == 2
     assert resume.stderr.count("\n") == 1 and resume.stderr.startswith("error: no intact checkpoint")
+    assert "step_0000006: model.safetensors is " in resume.stderr
 
 
 # ---- a full disk, a power cut --------------------------------------------------------------------
@@ -405,6 +436,12 @@ def test_meta_records_data_files_and_a_tokenizer_swap_is_refused(base, tmp_path)
     with pytest.raises(UserError, match="tokenizer.json is not the tokenizer the token files were "
                                         "made with .*; re-run `python src/data/prepare_data.py --out"):
         _resume(case)
+
+
+def test_readme_table_is_current():
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    assert outcome_table() in readme, "regenerate the README's fault table: python -m tests.test_faults"
+    assert f"**{len(CASES) * len(DAMAGES)} cases**: {len(CASES)}" in readme
 
 
 if __name__ == "__main__":
