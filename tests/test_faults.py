@@ -394,6 +394,26 @@ def test_power_cut_during_each_write_of_a_save(base, tmp_path, monkeypatch):
 # ---- older checkpoints, permissions, data hashing ---------------------------------------------
 
 
+@pytest.mark.parametrize("damage", ["truncated", "garbage, same size", "missing", "a directory"])
+def test_damaged_run_config_on_resume(base, tmp_path, capsys, damage):
+    """`train.py --resume` reads the run's config.json: when it is missing or not valid JSON,
+    the settings saved in the newest checkpoint are used (one warning); a directory is refused."""
+    from src.training.trainer import resolve_for_resume
+
+    case = _case(base, tmp_path)
+    DAMAGES[damage](case / "run/config.json")
+    capsys.readouterr()
+    cfg = tiny_config(case / "data", case / "run", resume=True, preset="small")
+    if damage == "a directory":
+        with pytest.raises(UserError, match="config.json is a directory.*move it out of the way"):
+            resolve_for_resume(cfg, {})
+        return
+    resolved = resolve_for_resume(cfg, {})
+    assert resolved.preset == "tiny" and resolved.max_steps == 6  # the run's, not the defaults
+    (line,) = _warnings(capsys.readouterr().err)
+    assert "config.json is" in line and "using the settings saved in checkpoint step_0000006" in line
+
+
 def test_checkpoints_without_hashes_still_load_and_resume(base, tmp_path, capsys):
     """A checkpoint written before sizes and hashes were recorded: format checks only."""
     import json

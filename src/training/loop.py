@@ -9,6 +9,7 @@ One iteration of :meth:`TrainLoop.run`, top to bottom::
     time budget         plans max_steps once the speed is measured (src/training/time_budget.py)
     evaluate_if_due     every eval_interval steps and at the end; the time budget re-plans
     checkpoint_due      every checkpoint_interval steps, at a new best, at the end, on a stop
+                        (a failed write warns and is retried at the next; see save)
     stop?               Ctrl-C / SIGTERM (caught by StopSignals), --stop-at-step, budget overrun
 
 The loop is independent of what it trains on: ``batches`` is any BatchSource (pretraining:

@@ -50,6 +50,7 @@ from src.training.presets import model_config
 from src.utils.atomic import write_json_atomic
 from src.utils.cli import UserError
 from src.utils.device import cpu_has_fast_bf16, make_generator, pick_device, pick_dtype
+from src.utils.integrity import file_problem
 
 
 def default_run_dir(cfg: TrainConfig, resume: bool) -> Path:
@@ -68,10 +69,9 @@ def resolve_for_resume(cfg: TrainConfig, explicit: dict[str, Any]) -> TrainConfi
     if not cfg.resume:
         return cfg
     run_dir = Path(cfg.run_dir) if cfg.run_dir else default_run_dir(cfg, resume=True)
-    saved = run_dir / "config.json"
-    if not saved.is_file():
+    base = saved_config(run_dir)
+    if base is None:
         return make_config({**cfg.to_dict(), "run_dir": str(run_dir)})
-    base = json.loads(saved.read_text(encoding="utf-8"))
     shape = ("preset", "context_length", "n_layer", "n_head", "n_kv_head", "d_model", "d_ff", "optimizer")
     for key in shape:
         if key in explicit and explicit[key] != base.get(key):
@@ -79,6 +79,31 @@ def resolve_for_resume(cfg: TrainConfig, explicit: dict[str, Any]) -> TrainConfi
                             f"resumed ({base.get(key)}); start a new --run-dir instead")
     base.update(stop_at_step=None, run_dir=str(run_dir), resume=True)
     return make_config(explicit, base=base)
+
+
+def saved_config(run_dir: Path) -> dict[str, Any] | None:
+    """The settings of a run: its config.json, or, when that is missing or not valid JSON, the
+    copy in its newest checkpoint's state.json (with one warning line). None for a run not
+    started."""
+    saved = run_dir / "config.json"
+    problem = file_problem(saved)
+    if problem is None:
+        try:
+            base = json.loads(saved.read_bytes().decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            base = None
+        if isinstance(base, dict):
+            return base
+        problem = "config.json is not a valid JSON object"
+    if saved.is_dir():
+        raise UserError(f"{run_dir}: {problem}; move it out of the way, then resume")
+    ckpt = reader.find_checkpoint(run_dir, prefer=("latest",))
+    if ckpt is None:
+        if saved.exists():
+            raise UserError(f"{run_dir}: {problem}; restore it, or start a new --run-dir")
+        return None
+    reader.warn(f"{run_dir}: {problem}; using the settings saved in checkpoint {ckpt.name}")
+    return dict(reader.read_state(ckpt)["train_config"])
 
 
 def sample_text(model: torch.nn.Module, tokenizer, max_new_tokens: int, device: torch.device,
