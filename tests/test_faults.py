@@ -458,6 +458,31 @@ def test_meta_records_data_files_and_a_tokenizer_swap_is_refused(base, tmp_path)
         _resume(case)
 
 
+def test_prepare_data_records_what_training_checks(tmp_path):
+    """prepare_data.py's meta.json records each file it vouches for and seals itself; training's
+    check accepts that data as written and refuses it once a token file is cut short."""
+    import json
+
+    from src.data import prepare_data
+    from src.training.batches import read_meta, verify_data
+    from src.utils.integrity import file_record
+
+    corpus = tmp_path / "mine.jsonl"
+    corpus.write_text("".join(json.dumps({"text": f"Document number {i} of a few."}) + "\n"
+                              for i in range(12)), encoding="utf-8")
+    out = tmp_path / "data"
+    prepare_data.main(["--text", str(corpus), "--out", str(out), "--vocab-size", "280",
+                       "--workers", "1", "--text-val-every", "3"])
+    meta = read_meta(out)  # its own checksum holds
+    assert meta["files"] == {name: file_record(out / name)
+                             for name in ("tokenizer.json", "train.bin", "val.bin")}
+    verify_data(out, meta)
+    _truncate(out / "val.bin")
+    with pytest.raises(UserError, match=r"val\.bin is .* bytes, .* expected \(truncated\?\); "
+                                        r"re-run `python src/data/prepare_data.py --out"):
+        verify_data(out, meta)
+
+
 def test_readme_table_is_current():
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
     assert outcome_table() in readme, "regenerate the README's fault table: python -m tests.test_faults"
