@@ -261,7 +261,7 @@ def test_no_intact_checkpoint_is_one_error(base, tmp_path):
         _truncate(case / "run/checkpoints" / step / "model.safetensors")
     for action in (lambda: _resume(case), lambda: reader.load_model(case / "run")):
         with pytest.raises(UserError, match=r"no intact checkpoint .*step_0000006: model\.safetensors "
-                                            r"is .* \(and 1 older, all damaged\); restore"):
+                                            r"is .* \(and 1 other, damaged too\); restore"):
             action()
     # A damaged checkpoint named explicitly is refused, pointing at the run instead.
     with pytest.raises(UserError, match="is damaged or incomplete: model.safetensors .*give the run"):

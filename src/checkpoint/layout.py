@@ -141,7 +141,8 @@ def find_checkpoint(
     if first_damage is None:
         return None
     bad, what = first_damage
-    more = f" (and {len(candidates) - 1} older, all damaged)" if len(candidates) > 1 else ""
+    others = len(candidates) - 1
+    more = f" (and {others} other{'s' if others > 1 else ''}, damaged too)" if others else ""
     raise UserError(f"no intact checkpoint in {root}: {bad.name}: {what}{more}; {RESTORE_HINT}")
 
 
