@@ -61,6 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=int, metavar="N", help="score only the first N tokens of each corpus (quick look)")
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON here")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--verify", action="store_true",
+                   help="check the SHA-256 of the checkpoint's files before loading (sizes are always checked)")
     return p
 
 
@@ -131,7 +133,8 @@ def main(argv: list[str] | None = None) -> int:
     from src.utils.device import pick_device, pick_dtype
 
     device = pick_device(args.device)
-    model, tokenizer, info = load_model(checkpoint_from_args(args.run, args.checkpoint), device=device)
+    model, tokenizer, info = load_model(
+        checkpoint_from_args(args.run, args.checkpoint, verify=args.verify), device=device)
     context = model.config.context_length
     stride = args.stride or max(1, context // 2)
     if stride > context:

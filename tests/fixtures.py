@@ -83,7 +83,10 @@ def make_token_data(
         "sources": {"tiny": "synthetic (tests/fixtures.py)"},
         "mix": {"tiny": 1.0},
     }
-    (out / "meta.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
+    from src.utils.integrity import file_record, seal
+
+    meta["files"] = {name: file_record(out / name) for name in ("tokenizer.json", "train.bin", "val.bin")}
+    (out / "meta.json").write_text(json.dumps(seal(meta), indent=2), encoding="utf-8")
     return out
 
 

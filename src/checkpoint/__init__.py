@@ -4,11 +4,11 @@ RNG, distributed state dicts, rotation) is added on top by src/training/checkpoi
 
 from src.checkpoint.layout import (
     CHECKPOINTS,
-    FORMAT_VERSION,
     TRAIN_HINT,
     best_checkpoint,
     checkpoint_from_args,
     checkpoint_name,
+    find_checkpoint,
     is_complete,
     latest_checkpoint,
     list_checkpoints,
@@ -17,11 +17,14 @@ from src.checkpoint.layout import (
     read_pointer,
     read_state,
     resolve_checkpoint,
+    resume_checkpoint,
     run_dir_of,
     start_checkpoint,
     temporary_checkpoint_dir,
+    warn,
 )
 from src.checkpoint.load import load_model, load_run_tokenizer
+from src.checkpoint.verify import FORMAT_VERSION, checkpoint_problem
 from src.checkpoint.weights import (
     read_weights,
     save_model_checkpoint,
@@ -34,8 +37,9 @@ from src.checkpoint.weights import (
 __all__ = [
     "CHECKPOINTS", "FORMAT_VERSION", "TRAIN_HINT", "best_checkpoint", "checkpoint_from_args",
     "checkpoint_name",
-    "is_complete", "latest_checkpoint", "list_checkpoints", "load_model", "load_run_tokenizer",
-    "newest_run", "publish_checkpoint", "read_pointer", "read_state", "read_weights",
-    "resolve_checkpoint", "run_dir_of", "save_model_checkpoint", "save_tensors", "split_shared",
-    "start_checkpoint", "temporary_checkpoint_dir", "write_state", "write_weights",
+    "checkpoint_problem", "find_checkpoint", "is_complete", "latest_checkpoint",
+    "list_checkpoints", "load_model", "load_run_tokenizer", "newest_run", "publish_checkpoint",
+    "read_pointer", "read_state", "read_weights", "resolve_checkpoint", "resume_checkpoint",
+    "run_dir_of", "save_model_checkpoint", "save_tensors", "split_shared", "start_checkpoint",
+    "temporary_checkpoint_dir", "warn", "write_state", "write_weights",
 ]

@@ -13,22 +13,29 @@ from src.checkpoint.weights import WEIGHTS_FILE, read_weights
 from src.model.gpt import GPT, GPTConfig
 from src.tokenizer.bpe import BPETokenizer
 from src.utils.cli import UserError
+from src.utils.integrity import file_problem
 
 
 def load_run_tokenizer(run_dir: Path, expected_hash: str | None) -> BPETokenizer:
     """The run's copy of its tokenizer, checked against the hash its checkpoint recorded."""
     tok_path = run_dir / "tokenizer.json"
-    if not tok_path.is_file():
-        raise UserError(f"{run_dir} has no tokenizer.json (the run folder is incomplete)")
-    tokenizer = BPETokenizer.load(tok_path)
+    fix = (f"copy the tokenizer.json of the data the run was trained on (see {run_dir}/config.json, "
+           "\"data\") into the run folder")
+    problem = file_problem(tok_path)
+    if problem:
+        raise UserError(f"{run_dir}: {problem}; {fix}")
+    try:
+        tokenizer = BPETokenizer.load(tok_path)
+    except UserError as exc:
+        raise UserError(f"{exc}; {fix}") from None
     if tokenizer.hash != expected_hash:
         raise UserError(f"{tok_path} (hash {tokenizer.hash[:12]}) is not the tokenizer this "
-                        f"checkpoint was trained with ({str(expected_hash)[:12]})")
+                        f"checkpoint was trained with ({str(expected_hash)[:12]}); {fix}")
     return tokenizer
 
 
 def load_model(
-    path: str | Path | None = None, device: str | torch.device = "cpu"
+    path: str | Path | None = None, device: str | torch.device = "cpu", *, verify: bool = False
 ) -> tuple[GPT, BPETokenizer, dict[str, Any]]:
     """Load a trained model for inference: ``(GPT in eval mode, BPETokenizer, info)``.
 
@@ -36,9 +43,11 @@ def load_model(
     or None for the newest run under ``runs/``. ``info`` holds ``run_dir``, ``checkpoint``,
     ``step``, ``val_loss``, ``best_val_loss``, ``model_config``, ``train_config``,
     ``tokenizer_hash`` and ``data_meta`` (the data's meta.json, or None).
+    A damaged checkpoint of a run is skipped for the newest intact one, with one warning line;
+    sizes and formats are always checked, SHA-256s with ``verify`` (reads every byte).
     Weights are read with safetensors only; raises UserError if nothing usable is found.
     """
-    ckpt = resolve_checkpoint(path)
+    ckpt = resolve_checkpoint(path, verify=verify)
     run_dir = run_dir_of(ckpt)
     state = read_state(ckpt)
     model = GPT(GPTConfig.from_dict(state["model_config"]))

@@ -11,12 +11,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from src.checkpoint.layout import FORMAT_VERSION, publish_checkpoint, start_checkpoint
+from src.checkpoint.layout import publish_checkpoint, start_checkpoint
+from src.checkpoint.verify import FORMAT_VERSION, STATE_FILE, WEIGHTS_FILE, file_records
 from src.utils.atomic import atomic_path, write_json_atomic
 from src.utils.cli import UserError
-
-WEIGHTS_FILE = "model.safetensors"
-STATE_FILE = "state.json"
+from src.utils.integrity import seal
 
 
 def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
@@ -66,9 +65,12 @@ def read_weights(ckpt: Path, device: str | torch.device = "cpu") -> dict[str, to
 
 
 def write_state(ckpt: Path, step: int, state: dict[str, Any]) -> None:
-    """``ckpt/state.json``: ``state`` plus the format version and the step. What a loader
-    needs in ``state``: ``model_config`` (GPTConfig.to_dict) and ``tokenizer_hash``."""
-    write_json_atomic(ckpt / STATE_FILE, {**state, "format_version": FORMAT_VERSION, "step": step})
+    """``ckpt/state.json``, the checkpoint's last file: ``state`` plus the format version, the
+    step and the size and SHA-256 of every file already in ``ckpt``, sealed with its own
+    checksum (see verify.py). What a loader needs in ``state``: ``model_config``
+    (GPTConfig.to_dict) and ``tokenizer_hash``."""
+    full = {**state, "format_version": FORMAT_VERSION, "step": step, "files": file_records(ckpt)}
+    write_json_atomic(ckpt / STATE_FILE, seal(full))
 
 
 def save_model_checkpoint(

@@ -12,7 +12,9 @@ What it writes into ``--out`` (default ``data/``):
     train.bin        flat token ids of the training documents, mixed by --mix
     val.bin          the sources' validation splits, each document once (never mixed)
     test.bin         only with --splits test; never used for training or tokenizer training
-    meta.json        what the files hold: counts per split and source, input sha256s, ...
+    meta.json        what the files hold: counts per split and source, input sha256s, the
+                     size and sha256 of each file it vouches for (checked before training),
+                     and its own checksum
 The .bin files are raw little-endian np.uint16 (np.uint32 if the vocabulary has more than
 65,536 ids): read them with ``np.memmap(path, dtype=meta["dtype"], mode="r")``.
 
@@ -66,6 +68,7 @@ from src.tokenizer.bpe import BPETokenizer
 from src.tokenizer.special_tokens import NUM_RESERVED_SPECIAL
 from src.utils.atomic import write_json_atomic, write_text_atomic
 from src.utils.cli import UserError, run_cli
+from src.utils.integrity import file_record, seal
 
 FORMAT_VERSION = 1
 KNOWN_SOURCES = ("wikitext", "dailydialog", "text")
@@ -270,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # 4. meta.json, last.
     meta = _meta(out, tok, dtype, detokenize, weights, split_stats, old_meta, parts, args, settings)
-    write_json_atomic(out / "meta.json", meta)
+    write_json_atomic(out / "meta.json", seal(meta))
     _print_summary(out, meta, split_stats, time.time() - started)
     return 0
 
@@ -323,9 +326,14 @@ def _meta(
         kept = {k: v for k, v in old_meta.get("splits", {}).items() if k not in split_stats}
     elif "test" not in split_stats:
         (out / "test.bin").unlink(missing_ok=True)  # encoded with another tokenizer or settings
+    # Sizes and SHA-256s of the files, checked before training (src/training/batches.py).
+    files = {k: v for k, v in ((old_meta or {}).get("files") or {}).items() if k[: -len(".bin")] in kept}
+    files["tokenizer.json"] = file_record(out / "tokenizer.json")
+    files.update({stats["file"]: file_record(out / stats["file"]) for stats in split_stats.values()})
     return {
         "format_version": FORMAT_VERSION,
         "created_by": "src/data/prepare_data.py",
+        "files": files,
         "tokenizer": "tokenizer.json",
         "tokenizer_hash": tok.hash,
         "vocab_size": tok.vocab_size,

@@ -57,17 +57,21 @@ def read_prompt_file(path: str) -> str:
 
 
 def add_loading_args(parser: argparse.ArgumentParser) -> None:
-    """--run / --checkpoint / --device, shared with chat.py."""
+    """--run / --checkpoint / --device / --verify, shared with chat.py."""
     parser.add_argument("--run", help="a run directory (default: the newest run under runs/)")
     parser.add_argument("--checkpoint", help="which checkpoint of the run: best (default: lowest "
                         "validation loss), latest, a step number, or a checkpoint folder")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: auto)")
+    parser.add_argument("--verify", action="store_true",
+                        help="check the SHA-256 of the checkpoint's files against its state.json "
+                             "before loading (sizes and formats are always checked)")
 
 
 def load_model_from_args(args: argparse.Namespace):
     """(model, tokenizer, info) from --run/--checkpoint (default: the newest run's best
-    checkpoint) on --device; safetensors only."""
-    ckpt = checkpoint_from_args(args.run, args.checkpoint)
+    checkpoint; a damaged one is skipped for the newest intact one) on --device; safetensors
+    only; SHA-256s checked with --verify."""
+    ckpt = checkpoint_from_args(args.run, args.checkpoint, verify=getattr(args, "verify", False))
     return load_model(ckpt, device=pick_device(args.device))
 
 

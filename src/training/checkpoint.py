@@ -10,9 +10,10 @@ checkpoint holds::
 
 and its state.json also holds the optimiser hyper-parameters, schedule, data position, ...
 Nothing is pickled. Writing goes through a temporary folder renamed into place (see
-``src.checkpoint.publish_checkpoint``); stale temporary folders are swept at the next save.
-Old checkpoints are deleted only after the new one is safe; the last ``keep_last`` and the
-best are kept.
+``src.checkpoint.publish_checkpoint``); stale temporary folders are swept at the next save,
+and a failed save removes its own. state.json, written last, records the size and SHA-256 of
+every other file (src/checkpoint/verify.py). Old checkpoints are deleted only after the new
+one is safe; the last ``keep_last`` and the best are kept.
 """
 
 from __future__ import annotations
@@ -122,37 +123,67 @@ def save_checkpoint(
     its optimisers, plus the JSON-able ``state`` (data position, schedule, config, ...).
 
     Collective under torch.distributed: every rank must call it. Rank 0 writes the weights and
-    optimiser (gathered to full tensors), every rank its own RNG file. Returns the folder.
+    optimiser (gathered to full tensors), every rank its own RNG file; state.json, recording
+    the size and SHA-256 of each, comes last. Returns the folder.
+
+    A failed write (a full disk: OSError ENOSPC, or any other OSError) raises that OSError on
+    the rank that saw it, after every rank has left the collective part: the temporary folder
+    is removed (freeing the space it took), and the previous checkpoints and the ``latest`` /
+    ``best`` pointers are as they were.
     """
     rank, world = _rank_world()
     opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
     model_sd, optim_sd = get_state_dict(model, list(optimizers), options=opts)
 
-    tmp = start_checkpoint(run_dir, step) if rank == 0 else temporary_checkpoint_dir(run_dir, step)
-    _barrier()
-    save_rng(_rng_file(tmp, rank))
-    _barrier()
+    tmp = temporary_checkpoint_dir(run_dir, step)
     final = tmp.parent / checkpoint_name(step)
-    if rank == 0:
-        write_weights(tmp, model_sd)
-        opt_tensors: dict[str, torch.Tensor] = {}
-        opt_scalars: dict[str, dict[str, Any]] = {}
-        for pname, pstate in optim_sd["state"].items():
-            for key, value in pstate.items():
-                if isinstance(value, torch.Tensor):
-                    opt_tensors[f"{pname}/{key}"] = value
-                else:
-                    opt_scalars.setdefault(pname, {})[key] = _to_json(value)
-        save_tensors(tmp / "optimizer.safetensors", opt_tensors, {"format": "pt"})
-        write_state(tmp, step, {
-            **state,
-            "world_size": world,
-            "optimizer": {"param_groups": _to_json(optim_sd["param_groups"]), "scalars": opt_scalars},
-        })
-        publish_checkpoint(tmp, is_best=is_best)
-        _prune(tmp.parent, keep_last)
+    error: OSError | None = None
+    try:
+        if rank == 0:
+            start_checkpoint(run_dir, step)
+    except OSError as exc:
+        error = exc
     _barrier()
+    try:
+        if error is None:
+            save_rng(_rng_file(tmp, rank))
+    except OSError as exc:
+        error = exc
+    _barrier()
+    if rank == 0 and error is None:
+        try:
+            _write_rank0(tmp, step, model_sd, optim_sd, state, world)
+            publish_checkpoint(tmp, is_best=is_best)
+            _prune(tmp.parent, keep_last)
+        except OSError as exc:
+            error = exc
+    if error is not None and rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+    _barrier()
+    if error is not None:
+        raise error
     return final
+
+
+def _write_rank0(tmp: Path, step: int, model_sd: dict[str, torch.Tensor], optim_sd: dict[str, Any],
+                 state: dict[str, Any], world: int) -> None:
+    """Rank 0's files of checkpoint ``step`` in its temporary folder: weights, optimiser
+    tensors, then state.json (hyper-parameters and optimiser scalars, and the file records)."""
+    write_weights(tmp, model_sd)
+    opt_tensors: dict[str, torch.Tensor] = {}
+    opt_scalars: dict[str, dict[str, Any]] = {}
+    for pname, pstate in optim_sd["state"].items():
+        for key, value in pstate.items():
+            if isinstance(value, torch.Tensor):
+                opt_tensors[f"{pname}/{key}"] = value
+            else:
+                opt_scalars.setdefault(pname, {})[key] = _to_json(value)
+    save_tensors(tmp / "optimizer.safetensors", opt_tensors, {"format": "pt"})
+    write_state(tmp, step, {
+        **state,
+        "world_size": world,
+        "optimizer": {"param_groups": _to_json(optim_sd["param_groups"]), "scalars": opt_scalars},
+    })
 
 
 def _prune(root: Path, keep_last: int) -> None:

@@ -10,6 +10,7 @@ One iteration of :meth:`TrainLoop.run`, top to bottom::
     evaluate_if_due     every eval_interval steps and at the end; the time budget re-plans;
                         early stopping counts evaluations without a better validation loss
     checkpoint_due      every checkpoint_interval steps, at a new best, at the end, on a stop
+                        (a failed write warns and is retried at the next; see save)
     stop?               Ctrl-C / SIGTERM (caught by StopSignals), --stop-at-step, budget overrun,
                         early stop (``early_stop_patience`` evaluations in a row without a new
                         best; the best checkpoint is the one to use, marked ``best``)
@@ -30,6 +31,7 @@ from __future__ import annotations
 
 import math
 import signal
+import sys
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -58,6 +60,14 @@ from src.utils.cli import UserError
 
 class NonFiniteLoss(UserError):
     """The loss (or gradient norm) became NaN or infinite: the run stops, checkpoints intact."""
+
+
+class CheckpointNotSaved(UserError):
+    """The run's last checkpoint, or MAX_FAILED_SAVES in a row, could not be written (e.g. the
+    disk is full): the run stops; the earlier checkpoints are intact."""
+
+
+MAX_FAILED_SAVES = 3  # failed checkpoint writes in a row before a run gives up
 
 
 class StopSignals:
@@ -140,6 +150,7 @@ class TrainLoop:
         )
         self.last_loss = math.nan
         self.last_saved = self.step if self.resumed else -1
+        self.failed_saves = 0  # checkpoint writes failed in a row (see save)
         self.t_start = time.time()  # again when run() starts
 
     @property
@@ -197,7 +208,7 @@ class TrainLoop:
                     end_reason = f"time budget exceeded at step {self.step}"
                     break
             if self.last_saved != self.step:
-                self.save()
+                self.save(final=True)
         if end_reason == "finished" and self.step == self.start_step and self.resumed:
             end_reason = f"already at step {self.step} of {self.max_steps}"
         return end_reason
@@ -283,8 +294,13 @@ class TrainLoop:
         return (self.step % every == 0 or finished or interrupted or is_best
                 or self.step == self.cfg.stop_at_step)
 
-    def save(self, val_loss: float | None = None, is_best: bool = False) -> Path:
-        """Checkpoint the current step (collective: every process calls it)."""
+    def save(self, val_loss: float | None = None, is_best: bool = False, *,
+             final: bool = False) -> Path | None:
+        """Checkpoint the current step (collective: every process calls it). Returns the folder,
+        or None when the write failed (a full disk, an I/O error): the previous checkpoints are
+        untouched and training goes on, retrying at the next checkpoint, with a warning. The
+        ``final`` save of a run, or the MAX_FAILED_SAVES-th failure in a row, raises
+        CheckpointNotSaved instead: a run that cannot save should not burn compute for long."""
         state = {
             "tokens_seen": self.tokens_seen, "train_seconds": self.train_seconds(),
             "best_val_loss": None if self.best_val == math.inf else self.best_val,
@@ -297,10 +313,28 @@ class TrainLoop:
         }
         if self.dist.enabled and not self.cfg.fsdp:
             state["param_checksum"] = check_ranks_in_sync(self.raw_model, self.comm_device)
-        path = ckpt_io.save_checkpoint(self.run_dir, self.step, self.raw_model, self.optimizers,
-                                       state, keep_last=self.cfg.keep_last, is_best=is_best)
-        self.last_saved = self.step
-        return path
+        error: OSError | None = None
+        try:
+            path = ckpt_io.save_checkpoint(self.run_dir, self.step, self.raw_model, self.optimizers,
+                                           state, keep_last=self.cfg.keep_last, is_best=is_best)
+        except OSError as exc:
+            error = exc
+        if not any_rank(error is not None, self.dist, self.device):
+            self.last_saved, self.failed_saves = self.step, 0
+            return path
+        self.failed_saves += 1
+        last = reader.latest_checkpoint(self.run_dir)
+        what = (f"could not save checkpoint {reader.checkpoint_name(self.step)} "
+                f"({error.strerror or error if error else 'failed on another process'})")
+        kept = f"{last} is intact" if last else "no earlier checkpoint exists"
+        if final or self.failed_saves >= MAX_FAILED_SAVES:
+            resume = f"python train.py --run-dir {self.run_dir} --resume"
+            raise CheckpointNotSaved(f"{what}; {kept}: free space (or fix the disk), then `{resume}`")
+        if self.dist.is_main:
+            print(f"warning: {what}; {kept}; training goes on and retries at the next checkpoint "
+                  f"({self.failed_saves} of {MAX_FAILED_SAVES} failures in a row allowed)",
+                  file=sys.stderr, flush=True)
+        return None
 
     # ---- helpers ---------------------------------------------------------------------------
 

@@ -3,7 +3,8 @@
 * ``metrics.jsonl``: one JSON object per line; every optimiser step writes ``step``, ``loss``,
   ``lr``, ``tokens`` (seen so far), ``tokens_per_s`` (and ``mfu`` where the peak is known);
   evaluations add a line with ``val_loss``, ``val_ppl``, ``val_bpb``. On resume, lines past the
-  checkpoint's step (written before a crash) are dropped so the file tells one consistent story.
+  checkpoint's step (written before a crash) are dropped so the file tells one consistent story;
+  so are damaged lines (with one warning).
 * TensorBoard event files in ``<run>/tensorboard`` when the package is installed.
 * ``loss.png``: training and validation loss against step, redrawn at each evaluation.
 
@@ -22,6 +23,8 @@ import torch
 from tqdm import tqdm
 
 from src.utils.atomic import atomic_path, write_text_atomic
+from src.utils.cli import UserError
+from src.utils.integrity import file_problem
 
 # Dense bf16 peak (FLOP/s) of common accelerators, for MFU. Matched on the device name.
 PEAK_BF16_FLOPS = {
@@ -54,17 +57,25 @@ class MetricsLog:
     def __init__(self, path: str | Path, resume_step: int | None = None) -> None:
         self.path = Path(path)
         self.records: list[dict[str, Any]] = []
+        problem = file_problem(self.path) if self.path.exists() else None
+        if problem:
+            raise UserError(f"{self.path.parent}: {problem}; move it out of the way, then start again")
         if resume_step is not None and self.path.is_file():
-            kept = []
-            for line in self.path.read_text(encoding="utf-8").splitlines():
+            *lines, partial = self.path.read_bytes().decode("utf-8", errors="replace").split("\n")
+            damaged = 0  # a last line without its newline was cut short by kill -9: not damage
+            for line in lines:
                 try:
                     rec = json.loads(line)
-                except json.JSONDecodeError:  # a line cut short by kill -9
+                except json.JSONDecodeError:
+                    damaged += 1
                     continue
                 if isinstance(rec, dict) and rec.get("step", math.inf) <= resume_step:
-                    kept.append(rec)
-            self.records = kept
-            write_text_atomic(self.path, "".join(json.dumps(r) + "\n" for r in kept))
+                    self.records.append(rec)
+            if damaged:
+                print(f"warning: {self.path}: dropped {damaged} damaged line(s); its other "
+                      f"{len(self.records)} lines up to step {resume_step} are kept",
+                      file=sys.stderr, flush=True)
+            write_text_atomic(self.path, "".join(json.dumps(r) + "\n" for r in self.records))
         elif self.path.exists():
             self.path.unlink()
         self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 (closed in close())

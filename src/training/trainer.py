@@ -35,7 +35,7 @@ from src.infer.sampling import DEFAULT_TEMPERATURE, SamplingSettings, generate
 from src.model.gpt import GPT
 from src.tokenizer.bpe import BPETokenizer
 from src.training import checkpoint as ckpt_io
-from src.training.batches import BatchLoader, open_tokens, read_meta
+from src.training.batches import BatchLoader, open_tokens, prepare_hint, read_meta, verify_data
 from src.training.config import TrainConfig, make_config
 from src.training.distributed import (
     DistInfo,
@@ -51,6 +51,7 @@ from src.training.presets import model_config
 from src.utils.atomic import write_json_atomic
 from src.utils.cli import UserError
 from src.utils.device import cpu_has_fast_bf16, make_generator, pick_device, pick_dtype
+from src.utils.integrity import file_problem
 
 
 def default_run_dir(cfg: TrainConfig, resume: bool) -> Path:
@@ -69,10 +70,9 @@ def resolve_for_resume(cfg: TrainConfig, explicit: dict[str, Any]) -> TrainConfi
     if not cfg.resume:
         return cfg
     run_dir = Path(cfg.run_dir) if cfg.run_dir else default_run_dir(cfg, resume=True)
-    saved = run_dir / "config.json"
-    if not saved.is_file():
+    base = saved_config(run_dir)
+    if base is None:
         return make_config({**cfg.to_dict(), "run_dir": str(run_dir)})
-    base = json.loads(saved.read_text(encoding="utf-8"))
     shape = ("preset", "context_length", "n_layer", "n_head", "n_kv_head", "d_model", "d_ff", "optimizer")
     for key in shape:
         if key in explicit and explicit[key] != base.get(key):
@@ -80,6 +80,31 @@ def resolve_for_resume(cfg: TrainConfig, explicit: dict[str, Any]) -> TrainConfi
                             f"resumed ({base.get(key)}); start a new --run-dir instead")
     base.update(stop_at_step=None, run_dir=str(run_dir), resume=True)
     return make_config(explicit, base=base)
+
+
+def saved_config(run_dir: Path) -> dict[str, Any] | None:
+    """The settings of a run: its config.json, or, when that is missing or not valid JSON, the
+    copy in its newest checkpoint's state.json (with one warning line). None for a run not
+    started."""
+    saved = run_dir / "config.json"
+    problem = file_problem(saved)
+    if problem is None:
+        try:
+            base = json.loads(saved.read_bytes().decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            base = None
+        if isinstance(base, dict):
+            return base
+        problem = "config.json is not a valid JSON object"
+    if saved.is_dir():
+        raise UserError(f"{run_dir}: {problem}; move it out of the way, then resume")
+    ckpt = reader.find_checkpoint(run_dir, prefer=("latest",))
+    if ckpt is None:
+        if saved.exists():
+            raise UserError(f"{run_dir}: {problem}; restore it, or start a new --run-dir")
+        return None
+    reader.warn(f"{run_dir}: {problem}; using the settings saved in checkpoint {ckpt.name}")
+    return dict(reader.read_state(ckpt)["train_config"])
 
 
 def sample_text(model: torch.nn.Module, tokenizer, max_new_tokens: int, device: torch.device,
@@ -133,12 +158,13 @@ def _train(cfg: TrainConfig, device: torch.device, dist_info: DistInfo, loss_hoo
     # ---- 2. data ---------------------------------------------------------------------------
     data_dir = Path(cfg.data)
     meta = read_meta(data_dir)
+    verify_data(data_dir, meta)  # sizes and SHA-256s, before anything is trained or written
     train_tokens = open_tokens(data_dir, "train", meta)
     val_tokens = open_tokens(data_dir, "val", meta)
     tokenizer = BPETokenizer.load(data_dir / "tokenizer.json")
     if tokenizer.hash != meta["tokenizer_hash"]:
         raise UserError(f"{data_dir / 'tokenizer.json'} does not match {data_dir / 'meta.json'} "
-                        "(tokenizer hash differs); re-run prepare_data.py")
+                        f"(tokenizer hash differs); {prepare_hint(data_dir)}")
 
     # ---- 3. run folder ---------------------------------------------------------------------
     run_dir, resume_from = open_run_dir(cfg, data_dir, meta, dist_info, device, log)
@@ -236,7 +262,9 @@ def open_run_dir(cfg: TrainConfig, data_dir: Path, meta: dict[str, Any], dist_in
     comm_device = device if device.type == "cuda" else torch.device("cpu")  # NCCL needs CUDA tensors
     run_dir = Path(broadcast_str(str(run_dir), dist_info, comm_device))
     cfg.run_dir = str(run_dir)
-    resume_from = reader.latest_checkpoint(run_dir) if cfg.resume else None
+    # The newest intact checkpoint (every file hashed); a damaged one is skipped, said once.
+    quiet = (lambda _line: None) if not dist_info.is_main else reader.warn
+    resume_from = reader.resume_checkpoint(run_dir, on_skip=quiet) if cfg.resume else None
     if cfg.resume and resume_from is None:
         log(f"--resume: no checkpoint in {run_dir} yet, starting fresh")
     if resume_from is None and reader.list_checkpoints(run_dir):

@@ -18,7 +18,8 @@ from typing import IO, Any
 
 
 def _default_mode() -> int:
-    """The permissions a plain ``open(path, "w")`` would give (mkstemp's are 0600)."""
+    """The permissions a plain ``open(path, "w")`` would give (mkstemp's are 0600): the one
+    policy for every file this project writes, so a run copied to another user loads."""
     umask = os.umask(0)
     os.umask(umask)
     return 0o666 & ~umask
@@ -72,13 +73,16 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb", encoding: str | None 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path`` for a library that writes files itself
-    (e.g. ``safetensors.torch.save_file``); it is fsync'ed and renamed on success."""
+    (e.g. ``safetensors.torch.save_file``); it is fsync'ed and renamed on success, with the
+    same permissions as every other file (the library may have replaced the file with one of
+    its own, e.g. mode 0600)."""
     path = Path(path)
     fd, tmp = _temp_beside(path)
     os.close(fd)
     try:
         yield tmp
         with open(tmp, "rb+") as f:
+            os.fchmod(f.fileno(), _default_mode())
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
