@@ -265,6 +265,10 @@ def test_bad_settings(release, tmp_path):
     with pytest.raises(UserError, match="data directory not found"):
         run(tmp_path / "missing", tmp_path / "d")
     assert not (tmp_path / "d").exists()
+    (tmp_path / "a_file").write_text("not a folder")
+    for out in (tmp_path / "a_file", tmp_path / "a_file" / "below"):
+        with pytest.raises(UserError, match=r"--out .*a_file is a file, not a folder"):
+            run(release, out)
 
 
 def test_failed_run_leaves_no_trusted_output(release, tmp_path, monkeypatch, capsys):

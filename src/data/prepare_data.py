@@ -204,6 +204,7 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError(f"--vocab-size {args.vocab_size}: must be at least {256 + NUM_RESERVED_SPECIAL} (256 bytes + specials)")
     detokenize = not args.keep_tokenized
     out = Path(args.out)
+    _check_out_folder(out)
 
     # 1. Check every input and the tokenizer before writing anything.
     parts = resolve_parts(
@@ -253,6 +254,16 @@ def main(argv: list[str] | None = None) -> int:
     write_json_atomic(out / "meta.json", meta)
     _print_summary(out, meta, split_stats, time.time() - started)
     return 0
+
+
+def _check_out_folder(out: Path) -> None:
+    """Refuse an ``--out`` that is, or lies under, an existing file (before any work)."""
+    for folder in (out, *out.parents):
+        if folder.exists():
+            if not folder.is_dir():
+                raise UserError(f"--out {out}: {folder} is a file, not a folder; "
+                                "name a folder for the prepared data")
+            return
 
 
 def _given_tokenizer_path(option: str | None, splits: list[str], out: Path) -> Path | None:
