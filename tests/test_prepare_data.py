@@ -220,6 +220,39 @@ def test_plain_text_file_is_one_document(tmp_path, monkeypatch):
     assert documents(out, "val.bin") == [lines[3] + ENDOFTEXT, lines[7] + ENDOFTEXT]
 
 
+def test_small_text_file_still_gets_a_validation_share(tmp_path, capsys):
+    # A 50 KB book is below one 64 KiB piece: it is cut smaller so a piece is held out.
+    book = tmp_path / "book.txt"
+    lines = [f"Line {i} of a small book, with a few words on it.\n" for i in range(1000)]
+    book.write_text("".join(lines), encoding="utf-8")
+    assert 40_000 < book.stat().st_size < 64 * 1024
+    out = tmp_path / "data"
+    prepare_data.main(["--text", str(book), "--out", str(out), "--vocab-size", "280", "--workers", "1"])
+    meta = json.loads((out / "meta.json").read_text())
+    train, val = meta["splits"]["train"], meta["splits"]["val"]
+    assert 0.05 < val["bytes"] / (train["bytes"] + val["bytes"]) < 0.15
+    # The book is one training document (the held-out piece cut out of it), and the summary
+    # says so instead of "documents 0", and does not claim the text was detokenised.
+    assert train["documents"] == 1 and val["documents"] == 1
+    assert "".join(d.removesuffix(ENDOFTEXT) for d in documents(out, "train.bin") + documents(out, "val.bin")) == "".join(lines)
+    summary = capsys.readouterr().out
+    assert "your text as given" in summary and "detokenised" not in summary
+    train_row = next(line for line in summary.splitlines() if line.startswith("train  text"))
+    assert train_row.split()[3] == "1"
+
+
+def test_text_too_small_or_blank_is_refused(tmp_path):
+    blank = tmp_path / "blank.txt"
+    blank.write_text("   \n\n  \t\n", encoding="utf-8")
+    with pytest.raises(UserError, match=r"blank\.txt: no text in it \(only whitespace\)"):
+        prepare_data.main(["--text", str(blank), "--out", str(tmp_path / "d"), "--workers", "1"])
+    tiny = tmp_path / "tiny.txt"
+    tiny.write_text("Just one short line.\n", encoding="utf-8")
+    with pytest.raises(UserError, match=r"too little text to hold out a validation share; give at least 2,048 bytes"):
+        prepare_data.main(["--text", str(tiny), "--out", str(tmp_path / "d"), "--workers", "1"])
+    assert not (tmp_path / "d").exists()
+
+
 def test_given_tokenizer_is_reused(release, tmp_path):
     first = tmp_path / "first"
     run(release, first)

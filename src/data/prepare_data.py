@@ -21,8 +21,10 @@ Documents (see sources.py for the readers):
   * DailyDialog: one document per dialogue, its utterances as alternating user/assistant
     turns in the project's chat template (src/tokenizer/chat_template.py), then <|endoftext|>.
   * --text: a .jsonl line's "text" field, or a whole plain-text file, then <|endoftext|>.
-    Every ``--text-val-every``-th piece (a JSONL record or ~64 KiB of a text file) is
-    held out for val.bin, since the user's text has no validation split of its own.
+    Every ``--text-val-every``-th piece (a JSONL record or ~64 KiB of a text file; a
+    smaller file is cut into ~10 pieces) is held out for val.bin, at least one piece, since
+    the user's text has no validation split of its own. A corpus too small for that (under
+    2 KiB or a single line) or with no text is refused.
 By default the releases' word-level tokenisation is undone (detokenize.py);
 ``--keep-tokenized`` keeps their text as it is. meta.json records which.
 
@@ -369,8 +371,13 @@ def _sources_meta(parts: list[Part], args: argparse.Namespace) -> dict:
 
 
 def _print_summary(out: Path, meta: dict, split_stats: dict, seconds: float) -> None:
-    print(f"wrote {out}/ in {seconds:.1f} s: vocab {meta['vocab_size']}, {meta['dtype']}, "
-          f"{'detokenised' if meta['detokenized'] else 'release tokenisation kept'}")
+    releases = [s for s in meta["sources"] if s != "text"]
+    if not releases:  # detokenisation applies to the releases only; the user's text is kept as is
+        how = "your text as given"
+    else:
+        how = f"{'/'.join(releases)} {'detokenised' if meta['detokenized'] else 'as released'}"
+        how += ", your text as given" if "text" in meta["sources"] else ""
+    print(f"wrote {out}/ in {seconds:.1f} s: vocab {meta['vocab_size']}, {meta['dtype']}, {how}")
     print(f"{'split':<6} {'source':<12} {'weight':>6} {'documents':>10} {'tokens':>12} {'bytes':>12} {'bytes/tok':>9}")
     for split, stats in split_stats.items():
         rows = list(stats["by_source"].items()) + [("all", {**stats, "weight": ""})]
