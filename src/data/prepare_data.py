@@ -238,16 +238,19 @@ def main(argv: list[str] | None = None) -> int:
     # 2. From here on files change: first make sure no stale meta.json vouches for them.
     out.mkdir(parents=True, exist_ok=True)
     (out / "meta.json").unlink(missing_ok=True)
-    if given_tok is None:
-        tok = _trained_tokenizer(out, train_parts, args.vocab_size, detokenize, args.force)
-    else:
-        tok = given_tok
-        if tokenizer_path.resolve() != (out / "tokenizer.json").resolve():
-            tok.save(out / "tokenizer.json")
-    dtype = np.dtype(np.uint16 if tok.vocab_size <= 65536 else np.uint32)
+    try:
+        if given_tok is None:
+            tok = _trained_tokenizer(out, train_parts, args.vocab_size, detokenize, args.force)
+        else:
+            tok = given_tok
+            if tokenizer_path.resolve() != (out / "tokenizer.json").resolve():
+                tok.save(out / "tokenizer.json")
+        dtype = np.dtype(np.uint16 if tok.vocab_size <= 65536 else np.uint32)
 
-    # 3. Encode each part into a temporary folder, then write each split file.
-    split_stats = _write_splits(out, parts, splits, weights, detokenize, dtype, max(1, args.workers))
+        # 3. Encode each part into a temporary folder, then write each split file.
+        split_stats = _write_splits(out, parts, splits, weights, detokenize, dtype, max(1, args.workers))
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt(_interrupted_note(out, given_tok is None)) from None
     for stats in split_stats.values():
         stats["fingerprint"] = fp
 
@@ -256,6 +259,16 @@ def main(argv: list[str] | None = None) -> int:
     write_json_atomic(out / "meta.json", meta)
     _print_summary(out, meta, split_stats, time.time() - started)
     return 0
+
+
+def _interrupted_note(out: Path, trains_tokenizer: bool) -> str:
+    """What a Ctrl-C during steps 2-3 left in ``out``, and what running the command again does."""
+    if trains_tokenizer and (out / ".tokenizer.fingerprint").is_file():
+        return (f"{out}/ has its tokenizer but no finished token files (no meta.json); the same "
+                "command continues from that tokenizer and encodes again")
+    if trains_tokenizer:
+        return f"{out}/ has no finished tokenizer or token files; the same command starts clean"
+    return f"{out}/ has no finished token files (no meta.json); the same command encodes again"
 
 
 def _check_out_folder(out: Path) -> None:
@@ -349,9 +362,11 @@ def _trained_tokenizer(out: Path, train_parts: list[Part], vocab_size: int, deto
         except UserError:
             tok = None
         if tok is not None and recorded == [stamp, tok.hash]:
-            print(f"reusing {out / 'tokenizer.json'}: trained from the same inputs and settings", file=sys.stderr)
+            print(f"continuing: reusing {out / 'tokenizer.json'}, trained from the same inputs and settings",
+                  file=sys.stderr)
             return tok
-    print(f"training the tokenizer (vocab {vocab_size}) on the training split", file=sys.stderr)
+    print(f"training the tokenizer (vocab {vocab_size}) on the training split"
+          f"{' (starting clean)' if (out / 'tokenizer.json').is_file() else ''}", file=sys.stderr)
     texts = (t for p in train_parts for u in p.make_units() for t in unit_texts(u, detokenize))
     tok = BPETokenizer.train(texts, vocab_size, show_progress=True)
     stamp_path.unlink(missing_ok=True)

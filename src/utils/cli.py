@@ -21,14 +21,16 @@ EXIT_INTERRUPTED = 130
 
 def run_cli(main: Callable[[], int | None]) -> None:
     """Run ``main`` and exit: 0 (or its return value) on success, 2 on :class:`UserError`,
-    130 on Ctrl-C. A broken pipe (e.g. ``| head``) exits quietly."""
+    130 on Ctrl-C (``interrupted``, followed by the KeyboardInterrupt's message if it has one:
+    code that catches Ctrl-C re-raises it saying what was left behind). A broken pipe (e.g.
+    ``| head``) exits quietly."""
     try:
         code = main()
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(EXIT_USER_ERROR)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+    except KeyboardInterrupt as exc:  # raised with a message: what was and was not saved
+        print(f"interrupted: {exc}" if str(exc) else "interrupted", file=sys.stderr)
         sys.exit(EXIT_INTERRUPTED)
     except BrokenPipeError:
         sys.stderr.close()
