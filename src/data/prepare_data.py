@@ -63,7 +63,7 @@ from src.data.token_files import Encoder, write_split
 from src.tokenizer.bpe import BPETokenizer
 from src.tokenizer.special_tokens import NUM_RESERVED_SPECIAL
 from src.utils.atomic import write_json_atomic, write_text_atomic
-from src.utils.cli import UserError, run_cli
+from src.utils.cli import DefaultsHelpFormatter, UserError, run_cli
 
 FORMAT_VERSION = 1
 KNOWN_SOURCES = ("wikitext", "dailydialog", "text")
@@ -143,7 +143,7 @@ def up_to_date(out: Path, meta: dict | None, splits: list[str], fp: str) -> bool
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description="Prepare WikiText, DailyDialog and/or your own text: tokenizer.json, train.bin, val.bin, meta.json.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=DefaultsHelpFormatter,
     )
     p.add_argument("--data-dir", help="local copies of the releases (e.g. ../shared/data); default: the Hugging Face Hub")
     p.add_argument("--text", nargs="+", metavar="FILE", default=[], help="your own corpus: plain text or .jsonl with a 'text' field")
@@ -162,7 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", help="reuse this tokenizer.json instead of training one")
     p.add_argument("--vocab-size", type=int, default=16384, help="total ids of a trained tokenizer, incl. 16 reserved specials")
     p.add_argument("--out", default="data", help="output folder")
-    p.add_argument("--splits", default="train,val", help="train,val (default), or test on its own")
+    p.add_argument("--splits", default="train,val", help="train,val (default), or test on its own (--splits test)")
     p.add_argument("--mix", help="training weights, e.g. wikitext=1,dailydialog=2 (repeats documents; fractions allowed)")
     p.add_argument("--text-val-every", type=int, default=100, help="hold out every N-th piece of --text for val.bin")
     p.add_argument("--workers", type=int, default=min(os.cpu_count() or 1, 8), help="encoding processes (1: no pool)")

@@ -7,6 +7,7 @@ non-zero exit, with no traceback. Programming errors still show their traceback.
 
 from __future__ import annotations
 
+import argparse
 import sys
 from collections.abc import Callable
 
@@ -36,3 +37,15 @@ def run_cli(main: Callable[[], int | None]) -> None:
         sys.stderr.close()
         sys.exit(0)
     sys.exit(code or 0)
+
+
+class DefaultsHelpFormatter(argparse.HelpFormatter):
+    """``--help`` that shows each option's default once: appended as ``(default: X)`` unless
+    the help text already speaks of the default, or there is none to show (None, off, empty)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        shown = action.default not in (None, False, [], argparse.SUPPRESS)
+        if shown and "default" not in text and action.option_strings:
+            text += " (default: %(default)s)"
+        return text
