@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from src.infer.generate import main, unescape
 from src.utils.cli import UserError
@@ -136,6 +137,22 @@ def test_prompt_file_must_be_utf8(tmp_path, run_dir, capsys):
         capsys, run_dir, "--prompt-file", str(good), "--max-new-tokens", "5", "--seed", "0"
     )
     assert out.startswith("Un café")
+
+
+def test_says_which_run_it_loaded_and_warns_when_barely_trained(capsys, run_dir):
+    out, err = gen(capsys, run_dir, "--prompt", "The cat", "--max-new-tokens", "3", "--seed", "0")
+    loaded, warning = err.splitlines()[:2]
+    assert loaded.startswith(f"loaded {run_dir}, checkpoint step_0000006 (step 6, val loss ")
+    assert warning == f"warning: {run_dir} trained only 6 steps: expect gibberish"
+    assert "loaded" not in out  # stdout holds only the text
+
+
+@pytest.mark.parametrize("device", ["banana", "mps"])
+def test_bad_or_absent_device_is_one_line(run_dir, device):
+    if device == "mps" and torch.backends.mps.is_available():
+        pytest.skip("this machine has MPS")
+    with pytest.raises(UserError, match=f"--device {device}: "):
+        main(["--run", str(run_dir), "--device", device, "--prompt", "x"])
 
 
 def test_unescape():

@@ -20,7 +20,7 @@ from src.checkpoint.layout import (
     start_checkpoint,
     temporary_checkpoint_dir,
 )
-from src.checkpoint.load import load_model, load_run_tokenizer
+from src.checkpoint.load import barely_trained, describe_loaded, load_model, load_run_tokenizer
 from src.checkpoint.weights import (
     read_weights,
     save_model_checkpoint,
@@ -31,7 +31,7 @@ from src.checkpoint.weights import (
 )
 
 __all__ = [
-    "CHECKPOINTS", "FORMAT_VERSION", "TRAIN_HINT", "best_checkpoint", "checkpoint_name",
+    "CHECKPOINTS", "FORMAT_VERSION", "TRAIN_HINT", "barely_trained", "best_checkpoint", "describe_loaded", "checkpoint_name",
     "is_complete", "latest_checkpoint", "list_checkpoints", "load_model", "load_run_tokenizer",
     "newest_run", "publish_checkpoint", "read_pointer", "read_state", "read_weights",
     "resolve_checkpoint", "run_dir_of", "save_model_checkpoint", "save_tensors", "split_shared",

@@ -25,7 +25,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo root
 
 
-from src.checkpoint import load_model
+from src.checkpoint import barely_trained, describe_loaded, load_model
 from src.infer.sampling import TEXT_DEFAULTS, SamplingSettings, generate, rename_setting_in_error
 from src.utils.cli import UserError, run_cli
 from src.utils.device import make_generator, pick_device
@@ -61,13 +61,21 @@ def add_loading_args(parser: argparse.ArgumentParser) -> None:
     where = parser.add_mutually_exclusive_group()
     where.add_argument("--run", help="a run directory (default: the newest run under runs/)")
     where.add_argument("--checkpoint", help="a checkpoint directory inside a run")
-    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: auto)")
+    parser.add_argument("--device", default="auto",
+                        help="auto (CUDA, else Apple MPS, else CPU), cpu, cuda, cuda:N or mps (default: auto)")
 
 
 def load_model_from_args(args: argparse.Namespace):
     """(model, tokenizer, info) from --run/--checkpoint (or the newest run) on --device;
-    safetensors only."""
-    return load_model(args.run or args.checkpoint, device=pick_device(args.device))
+    safetensors only. Says on stderr which run and checkpoint it loaded (one line), and warns
+    when that run is barely trained: without --run the newest run is taken, which may be a
+    two-step test run."""
+    model, tokenizer, info = load_model(args.run or args.checkpoint, device=pick_device(args.device))
+    print(describe_loaded(info), file=sys.stderr, flush=True)
+    warning = barely_trained(info)
+    if warning:
+        print(f"warning: {warning}", file=sys.stderr, flush=True)
+    return model, tokenizer, info
 
 
 def settings_from_args(
