@@ -10,9 +10,11 @@ printed one after another when done, each under a ``--- sample i/N ---`` line. N
 (such as the context window sliding) go to stderr.
 
 Generation ends at ``<|endoftext|>`` (the end of a document), at a ``--stop`` string (not
-printed; ``\\n`` and ``\\t`` are understood), or after ``--max-new-tokens``. Text longer
-than the model's context keeps going: the window slides forward, forgetting the oldest
-quarter of the context (said once on stderr). The same ``--seed`` and flags give the same
+printed; ``\\n`` and ``\\t`` are understood), or after ``--max-new-tokens``. The chat
+markers (``<|user|>``, ``<|assistant|>``) and WikiText's ``<unk>`` placeholder are never
+sampled, so never printed; ``--show-special`` lets the model write them, as it learned to.
+Text longer than the model's context keeps going: the window slides forward, forgetting the
+oldest quarter of the context (said once on stderr). The same ``--seed`` and flags give the same
 text. The prompt is encoded as plain text: ``<|endoftext|>`` typed in it is just text.
 """
 
@@ -26,7 +28,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo root
 
 
 from src.checkpoint import barely_trained, describe_loaded, load_model
-from src.infer.sampling import TEXT_DEFAULTS, SamplingSettings, generate, rename_setting_in_error
+from src.infer.sampling import (
+    TEXT_DEFAULTS,
+    UNKNOWN_WORD,
+    SamplingSettings,
+    generate,
+    hidden_special_ids,
+    rename_setting_in_error,
+)
 from src.utils.cli import UserError, run_cli
 from src.utils.device import make_generator, pick_device
 from src.utils.terminal import printable
@@ -151,6 +160,8 @@ def main(argv: list[str] | None = None) -> int:
         help="stop at this text (repeatable; \\n and \\t understood)",
     )
     parser.add_argument("--no-echo", action="store_true", help="print only the continuation")
+    parser.add_argument("--show-special", action="store_true",
+                        help="let the model write chat markers and <unk> (hidden by default)")
     args = parser.parse_args(argv)
 
     if args.num_samples < 1:
@@ -193,6 +204,8 @@ def main(argv: list[str] | None = None) -> int:
         on_context_full="slide",
         on_text=on_text if stream else None,
         notice=notice,
+        banned_ids=() if args.show_special else hidden_special_ids(tokenizer),
+        banned_text=None if args.show_special else UNKNOWN_WORD,
     )
     if stream:
         out.write("\n")
