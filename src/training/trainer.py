@@ -224,7 +224,8 @@ def _train(cfg: TrainConfig, device: torch.device, dist_info: DistInfo, loss_hoo
     log(f"{end_reason}: step {step}/{max_steps}, last loss {loop.last_loss:.4f}, best val loss "
         f"{best_text}; {done_steps} steps in {seconds / 60:.1f} min "
         f"({done_steps * tokens_per_step / max(seconds, 1e-9):,.0f} tokens/s)")
-    if dist_info.is_main and cfg.sample_tokens and done_steps and not cfg.fsdp:
+    stopping = end_reason.startswith("interrupted")  # the user is waiting: no sample then
+    if dist_info.is_main and cfg.sample_tokens and done_steps and not cfg.fsdp and not stopping:
         log(f"sample: {sample_text(raw_model, tokenizer, cfg.sample_tokens, device)!r}")
     log(f"saved to {run_dir}")
     if step < max_steps:
