@@ -21,12 +21,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the repository root
 
 from src.training.config import plan_requested, resolve_config
-from src.training.trainer import resolve_for_resume, train
 from src.utils.cli import run_cli
 
 
 def main(argv: list[str] | None = None) -> int:
     cfg, explicit = resolve_config(argv)  # every setting validated before any work starts
+    # Imported after parsing: torch takes seconds to import, and --help or a bad flag needs none.
+    from src.training.trainer import resolve_for_resume, train
+
     cfg = resolve_for_resume(cfg, explicit)  # --resume: the run's saved config + what is given now
     if plan_requested(argv):  # the plan only: no model built, nothing written
         from src.training.plan import plan_from_data

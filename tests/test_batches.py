@@ -104,3 +104,17 @@ def test_token_files(tmp_path):
     (tmp_path / "meta.json").write_text("{not json")
     with pytest.raises(UserError, match="not valid JSON"):
         read_meta(tmp_path)
+
+
+def test_raw_releases_folder_gets_advice_to_prepare_elsewhere(tmp_path):
+    # `train.py --data ../shared/data` (the raw releases): never advise writing into that folder.
+    releases = tmp_path / "releases"
+    (releases / "wikitext-2").mkdir(parents=True)
+    (releases / "wikitext-2" / "wiki.train.tokens").write_text(" = A = \n", encoding="utf-8")
+    with pytest.raises(UserError) as exc:
+        read_meta(releases)
+    message = str(exc.value)
+    assert f"--data-dir {releases} --out data`" in message and f"--out {releases}" not in message
+    # An empty or missing folder is where the prepared data can go.
+    with pytest.raises(UserError, match=f"--out {tmp_path / 'new'}`"):
+        read_meta(tmp_path / "new")

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from src.infer.chat_session import (
     ChatSession,
@@ -271,7 +272,11 @@ def test_piped_one_reply_per_line_blank_lines_skipped(monkeypatch, capsys, run_d
     code, out, err = chat(
         monkeypatch, capsys, run_dir, b"Hello there\n\n   \n\t\nThe cat sees?\r\n", "--seed", "0"
     )
-    assert code == 0 and out.count("\n") == 2 and err == ""
+    # stderr says which run was loaded and that it is barely trained (a 6-step run), nothing else.
+    assert code == 0 and out.count("\n") == 2
+    assert err.splitlines() == [f"loaded {run_dir}, checkpoint step_0000006 (step 6, val loss "
+                                f"{err.split('val loss ')[1].split(')')[0]})",
+                                f"warning: {run_dir} trained only 6 steps: expect gibberish"]
     assert all(ch >= " " for ch in out.replace("\n", "").replace("\t", ""))  # no ESC etc.
 
 
@@ -305,6 +310,16 @@ def test_piped_message_longer_than_the_context(monkeypatch, capsys, run_dir):
     code, out, err = chat(monkeypatch, capsys, run_dir, long_line + b"and then?\n")
     assert code == 0 and out.count("\n") == 2
     assert "kept its last" in err and "forgot" in err
+
+
+@pytest.mark.parametrize("device", ["banana", "mps", "cuda:7"])
+def test_bad_or_absent_device_is_one_line(monkeypatch, capsys, run_dir, device):
+    if device == "mps" and torch.backends.mps.is_available():
+        pytest.skip("this machine has MPS")
+    if device == "cuda:7" and torch.cuda.device_count() > 7:
+        pytest.skip("this machine has 8 GPUs")
+    with pytest.raises(UserError, match=f"--device {device}: "):
+        chat(monkeypatch, capsys, run_dir, b"hi\n", "--device", device)
 
 
 def test_no_trained_run_says_how_to_train(monkeypatch, tmp_path):

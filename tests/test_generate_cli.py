@@ -6,11 +6,13 @@ Most tests call ``main`` in this process (fast); two run the script as a user wo
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from src.infer.generate import main, unescape
 from src.utils.cli import UserError
@@ -136,6 +138,71 @@ def test_prompt_file_must_be_utf8(tmp_path, run_dir, capsys):
         capsys, run_dir, "--prompt-file", str(good), "--max-new-tokens", "5", "--seed", "0"
     )
     assert out.startswith("Un café")
+
+
+def test_says_which_run_it_loaded_and_warns_when_barely_trained(capsys, run_dir):
+    out, err = gen(capsys, run_dir, "--prompt", "The cat", "--max-new-tokens", "3", "--seed", "0")
+    loaded, warning = err.splitlines()[:2]
+    assert loaded.startswith(f"loaded {run_dir}, checkpoint step_0000006 (step 6, val loss ")
+    assert warning == f"warning: {run_dir} trained only 6 steps: expect gibberish"
+    assert "loaded" not in out  # stdout holds only the text
+
+
+@pytest.mark.parametrize("device", ["banana", "mps"])
+def test_bad_or_absent_device_is_one_line(run_dir, device):
+    if device == "mps" and torch.backends.mps.is_available():
+        pytest.skip("this machine has MPS")
+    with pytest.raises(UserError, match=f"--device {device}: "):
+        main(["--run", str(run_dir), "--device", device, "--prompt", "x"])
+
+
+@pytest.fixture(scope="module")
+def babbling_run(run_dir, tmp_path_factory):
+    """The tiny run with its final norm zeroed: every token is equally likely, so sampling
+    reaches the chat markers quickly unless they are hidden."""
+    from src.checkpoint import latest_checkpoint, read_weights, write_weights
+
+    run = tmp_path_factory.mktemp("babble") / "run"
+    shutil.copytree(run_dir, run)
+    ckpt = latest_checkpoint(run)
+    weights = read_weights(ckpt)
+    weights["norm.weight"] = torch.zeros_like(weights["norm.weight"])
+    write_weights(ckpt, weights)
+    return run
+
+
+def test_plain_generation_never_prints_special_tokens(capsys, babbling_run):
+    args = ["--prompt", "The cat", "--max-new-tokens", "300", "--seed", "0", "--no-echo"]
+    shown, _ = gen(capsys, babbling_run, *args, "--show-special")
+    assert "<|user|>" in shown or "<|assistant|>" in shown  # what the model writes when let
+    hidden, _ = gen(capsys, babbling_run, *args)
+    assert "<|" not in hidden and len(hidden) > 50
+
+
+def test_unk_is_never_written_whatever_its_pieces(babbling_run):
+    from src.checkpoint import load_model
+    from src.infer.sampling import UNKNOWN_WORD, SamplingSettings, TextBan, generate
+
+    model, tok, _ = load_model(babbling_run)
+    # A model that spells "<unk>" byte by byte, over and over: after "<" it all but surely
+    # writes "u", after "u" "n", ... (the byte tokens' ids are the byte values).
+    following = {ord(a): ord(b) for a, b in zip("<unk>", "unk><")}
+
+    def spell(_model, args, logits):
+        nxt = torch.tensor([[following.get(i, ord("<")) for i in row] for row in args[0].tolist()])
+        return logits + 30.0 * torch.nn.functional.one_hot(nxt, logits.size(-1))
+
+    model.register_forward_hook(spell)
+    settings = SamplingSettings(max_new_tokens=40, temperature=1.0)
+    free, = generate(model, tok, [tok.eot_id], settings, generator=torch.Generator().manual_seed(0))
+    assert free.text.startswith("<unk><unk>")  # what it writes when let
+    kept_out, = generate(model, tok, [tok.eot_id], settings, generator=torch.Generator().manual_seed(0),
+                         banned_text=UNKNOWN_WORD)
+    assert "<unk" not in kept_out.text and kept_out.text.startswith("<un")  # only "<unk" is kept out
+    # The mask: after "<un" exactly the tokens that complete "<unk" are banned.
+    ban = TextBan(tok, UNKNOWN_WORD, model.config.vocab_size)
+    after_un, after_u = (ban(torch.tensor([tok.encode(text)]))[0] for text in ("a <un", "a <u"))
+    assert after_un[ord("k")] and not after_un[ord("s")] and not after_u[ord("k")]
 
 
 def test_unescape():

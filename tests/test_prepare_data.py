@@ -1,15 +1,18 @@
 """prepare_data.py end to end on tiny corpora in the releases' formats (made by the tests)."""
 
 import json
+import multiprocessing
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from src.data import prepare_data, sources, token_files
+from src.data import corpus, prepare_data, sources, token_files
 from src.data.detokenize import detokenize_dailydialog, detokenize_wikitext
 from src.tokenizer.bpe import BPETokenizer
 from src.tokenizer.chat_template import alternate_turns, render_chat
@@ -220,6 +223,39 @@ def test_plain_text_file_is_one_document(tmp_path, monkeypatch):
     assert documents(out, "val.bin") == [lines[3] + ENDOFTEXT, lines[7] + ENDOFTEXT]
 
 
+def test_small_text_file_still_gets_a_validation_share(tmp_path, capsys):
+    # A 50 KB book is below one 64 KiB piece: it is cut smaller so a piece is held out.
+    book = tmp_path / "book.txt"
+    lines = [f"Line {i} of a small book, with a few words on it.\n" for i in range(1000)]
+    book.write_text("".join(lines), encoding="utf-8")
+    assert 40_000 < book.stat().st_size < 64 * 1024
+    out = tmp_path / "data"
+    prepare_data.main(["--text", str(book), "--out", str(out), "--vocab-size", "280", "--workers", "1"])
+    meta = json.loads((out / "meta.json").read_text())
+    train, val = meta["splits"]["train"], meta["splits"]["val"]
+    assert 0.05 < val["bytes"] / (train["bytes"] + val["bytes"]) < 0.15
+    # The book is one training document (the held-out piece cut out of it), and the summary
+    # says so instead of "documents 0", and does not claim the text was detokenised.
+    assert train["documents"] == 1 and val["documents"] == 1
+    assert "".join(d.removesuffix(ENDOFTEXT) for d in documents(out, "train.bin") + documents(out, "val.bin")) == "".join(lines)
+    summary = capsys.readouterr().out
+    assert "your text as given" in summary and "detokenised" not in summary
+    train_row = next(line for line in summary.splitlines() if line.startswith("train  text"))
+    assert train_row.split()[3] == "1"
+
+
+def test_text_too_small_or_blank_is_refused(tmp_path):
+    blank = tmp_path / "blank.txt"
+    blank.write_text("   \n\n  \t\n", encoding="utf-8")
+    with pytest.raises(UserError, match=r"blank\.txt: no text in it \(only whitespace\)"):
+        prepare_data.main(["--text", str(blank), "--out", str(tmp_path / "d"), "--workers", "1"])
+    tiny = tmp_path / "tiny.txt"
+    tiny.write_text("Just one short line.\n", encoding="utf-8")
+    with pytest.raises(UserError, match=r"too little text to hold out a validation share; give at least 2,048 bytes"):
+        prepare_data.main(["--text", str(tiny), "--out", str(tmp_path / "d"), "--workers", "1"])
+    assert not (tmp_path / "d").exists()
+
+
 def test_given_tokenizer_is_reused(release, tmp_path):
     first = tmp_path / "first"
     run(release, first)
@@ -265,6 +301,10 @@ def test_bad_settings(release, tmp_path):
     with pytest.raises(UserError, match="data directory not found"):
         run(tmp_path / "missing", tmp_path / "d")
     assert not (tmp_path / "d").exists()
+    (tmp_path / "a_file").write_text("not a folder")
+    for out in (tmp_path / "a_file", tmp_path / "a_file" / "below"):
+        with pytest.raises(UserError, match=r"--out .*a_file is a file, not a folder"):
+            run(release, out)
 
 
 def test_failed_run_leaves_no_trusted_output(release, tmp_path, monkeypatch, capsys):
@@ -285,8 +325,57 @@ def test_failed_run_leaves_no_trusted_output(release, tmp_path, monkeypatch, cap
     tokenizer_mtime = (out / "tokenizer.json").stat().st_mtime_ns
     run(release, out, "--mix", "wikitext=3")
     assert (out / "tokenizer.json").stat().st_mtime_ns == tokenizer_mtime  # resumed: not retrained
-    assert "reusing" in capsys.readouterr().err
+    assert "continuing: reusing" in capsys.readouterr().err
     assert json.loads((out / "meta.json").read_text())["splits"]["train"]["by_source"]["wikitext"]["documents"] == 6
+
+
+@pytest.mark.slow
+def test_encoding_workers_ignore_ctrl_c(tmp_path, capfd):
+    # Ctrl-C reaches every process of the terminal's group; only the main one should act on it
+    # (it stops the pool). A worker that took it would die printing a KeyboardInterrupt traceback.
+    tok = BPETokenizer.train(["hello world, hello there"] * 4, 280)
+    tok.save(tmp_path / "tokenizer.json")
+    part = corpus.Part("text", "train", [], lambda: iter([("text", "hello world", True)] * 3))
+    encoder = token_files.Encoder(tmp_path / "tokenizer.json", True, np.dtype(np.uint16), 2)
+    try:
+        encoder.encode(part, tmp_path)  # the workers are up and have run a task
+        workers = multiprocessing.active_children()
+        assert len(workers) == 2
+        for worker in workers:
+            os.kill(worker.pid, signal.SIGINT)
+        time.sleep(0.5)
+        assert all(w.is_alive() for w in workers)
+        assert encoder.encode(part, tmp_path).documents == 3
+    finally:
+        encoder.close()
+    assert "KeyboardInterrupt" not in capfd.readouterr().err
+
+
+@pytest.mark.slow
+def test_ctrl_c_while_encoding_stops_quietly_and_a_rerun_continues(tmp_path):
+    book = tmp_path / "book.txt"
+    book.write_text("".join(f"Sentence {i} of a book that is long enough to encode.\n" for i in range(4000)), encoding="utf-8")
+    out = tmp_path / "data"
+    cmd = [sys.executable, "src/data/prepare_data.py", "--text", str(book), "--out", str(out),
+           "--vocab-size", "300", "--workers", "2"]
+    # Its own process group, signalled as a whole: what Ctrl-C in a terminal does.
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    err = b""
+    while b"encode text" not in err:  # the worker processes are starting now
+        chunk = os.read(proc.stderr.fileno(), 4096)
+        assert chunk, err.decode()
+        err += chunk
+    os.killpg(proc.pid, signal.SIGINT)
+    rest, rest_err = proc.communicate(timeout=60)
+    err = (err + rest_err).decode()
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err
+    assert "interrupted: " in err and "the same command continues from that tokenizer" in err
+    assert (out / "tokenizer.json").is_file() and not (out / "meta.json").exists()
+    assert not [p for p in out.iterdir() if p.name.startswith(".prepare-")]
+    again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0, again.stderr
+    assert "continuing: reusing" in again.stderr and (out / "meta.json").is_file()
 
 
 def test_hub_path_with_a_local_dataset(tmp_path, monkeypatch):

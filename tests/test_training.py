@@ -143,6 +143,96 @@ def test_signal_in_process_saves_and_returns(data_dir, tmp_path, sig):
     assert train(tiny_config(data_dir, tmp_path / "r", max_steps=5, resume=True))["step"] == 5
 
 
+class SignalAtForward:
+    """Sends ``signals`` to this process as the model's ``at``-th forward pass starts (a
+    micro-batch of training), like a Ctrl-C in the middle of an accumulated step."""
+
+    def __init__(self, at: int, signals=(signal.SIGINT,)):
+        self.at, self.signals, self.calls = at, signals, 0
+
+    def __enter__(self):
+        def hook(module, _inputs):
+            if type(module).__name__ == "GPT" and torch.is_grad_enabled():  # training, not sampling
+                self.calls += 1
+                if self.calls == self.at:
+                    for sig in self.signals:
+                        os.kill(os.getpid(), sig)
+
+        self.handle = torch.nn.modules.module.register_module_forward_pre_hook(hook)
+        return self
+
+    def __exit__(self, *exc):
+        self.handle.remove()
+
+
+ACCUMULATED = dict(tokens_per_step=4 * 4 * 64, batch_size=4, dropout=0.1, eval_interval=100)  # 4 micro-batches
+
+
+def test_ctrl_c_mid_step_stops_within_a_micro_batch_and_resumes_exactly(data_dir, tmp_path):
+    straight = train(tiny_config(data_dir, tmp_path / "a", max_steps=6, **ACCUMULATED))["run_dir"]
+    with SignalAtForward(at=10) as probe:  # step 3, its second micro-batch
+        res = train(tiny_config(data_dir, tmp_path / "b", max_steps=6, **ACCUMULATED))
+    assert probe.calls == 10  # no further micro-batch (and no evaluation) after the signal
+    assert res["step"] == 2 and "step 3, in progress, was dropped" in res["end_reason"]
+    assert reader.latest_checkpoint(tmp_path / "b").name == "step_0000002"
+    # The dropped step left no trace: resuming gives exactly the uninterrupted run.
+    train(tiny_config(data_dir, tmp_path / "b", max_steps=6, resume=True, **ACCUMULATED))
+    assert train_losses(straight) == train_losses(tmp_path / "b")
+
+
+def test_second_ctrl_c_stops_at_once_saying_what_was_saved(data_dir, tmp_path):
+    cfg = tiny_config(data_dir, tmp_path / "r", max_steps=6, checkpoint_interval=1, **ACCUMULATED)
+    with SignalAtForward(at=10, signals=(signal.SIGINT, signal.SIGINT)) as probe, \
+            pytest.raises(KeyboardInterrupt) as exc:
+        train(cfg)
+    assert probe.calls == 10
+    assert str(exc.value) == (f"second SIGINT: stopped at once; last checkpoint "
+                              f"{tmp_path / 'r' / 'checkpoints' / 'step_0000002'} (step 2); "
+                              "step 3 (in progress) not saved")
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+
+
+def test_a_run_that_trained_no_step_leaves_no_run_folder(data_dir, tmp_path):
+    with SignalAtForward(at=2):  # Ctrl-C during the first step
+        res = train(tiny_config(data_dir, tmp_path / "r", max_steps=6, **ACCUMULATED))
+    assert res["step"] == 0 and not (tmp_path / "r").exists()
+
+    def nan_at_once(step, loss):
+        return loss * float("nan")
+
+    with pytest.raises(NonFiniteLoss):
+        train(tiny_config(data_dir, tmp_path / "r", max_steps=6), loss_hook=nan_at_once)
+    assert not (tmp_path / "r").exists()
+    # A user's own files in a given --run-dir are left alone.
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    with pytest.raises(NonFiniteLoss):
+        train(tiny_config(data_dir, tmp_path / "mine", max_steps=6), loss_hook=nan_at_once)
+    assert [p.name for p in (tmp_path / "mine").iterdir()] == ["notes.txt"]
+
+
+def test_impossible_context_length_is_refused_with_the_numbers(data_dir, tmp_path):
+    with pytest.raises(UserError, match=r"--context-length 1000000 x --batch-size 4 cannot fit: one "
+                       r"training micro-batch needs at least [\d.]+ GiB \(logits [\d.]+, .*\) but this "
+                       r"cpu has [\d.]+ GiB; lower --context-length or --batch-size"):
+        train(tiny_config(data_dir, tmp_path / "r", context_length=1_000_000))
+    assert not (tmp_path / "r").exists()
+
+
+def test_progress_bar_moves_within_an_accumulated_step(tmp_path, capsys):
+    from src.training.observe import RunLog
+
+    with RunLog(tmp_path, main=True, resume_step=None, total=10, initial=0, progress=True,
+                tensorboard=False, plot=False, title="t") as log:
+        log.micro_batch(0, 0.25)
+        assert log.bar.n == 0.25
+        log.micro_batch(0, 0.75)
+        log.step({"step": 1, "loss": 1.0}, "loss 1.0")
+        assert log.bar.n == 1 and isinstance(log.bar.n, int)
+        log.micro_batch(1, 0.5)
+        assert log.bar.n == 1.5
+
+
 @pytest.mark.slow
 def test_sigterm_to_real_process_saves_checkpoint_and_exits_cleanly(data_dir, tmp_path):
     sig = signal.SIGTERM

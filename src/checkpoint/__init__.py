@@ -23,7 +23,7 @@ from src.checkpoint.layout import (
     temporary_checkpoint_dir,
     warn,
 )
-from src.checkpoint.load import load_model, load_run_tokenizer
+from src.checkpoint.load import barely_trained, describe_loaded, load_model, load_run_tokenizer
 from src.checkpoint.verify import FORMAT_VERSION, checkpoint_problem
 from src.checkpoint.weights import (
     read_weights,
@@ -35,8 +35,8 @@ from src.checkpoint.weights import (
 )
 
 __all__ = [
-    "CHECKPOINTS", "FORMAT_VERSION", "TRAIN_HINT", "best_checkpoint", "checkpoint_from_args",
-    "checkpoint_name",
+    "CHECKPOINTS", "describe_loaded", "FORMAT_VERSION", "TRAIN_HINT", "barely_trained", "best_checkpoint",
+    "checkpoint_from_args", "checkpoint_name",
     "checkpoint_problem", "find_checkpoint", "is_complete", "latest_checkpoint",
     "list_checkpoints", "load_model", "load_run_tokenizer", "newest_run", "publish_checkpoint",
     "read_pointer", "read_state", "read_weights", "resolve_checkpoint", "resume_checkpoint",

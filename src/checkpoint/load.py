@@ -71,3 +71,27 @@ def load_model(
         "data_meta": json.loads(meta_path.read_text(encoding="utf-8")) if meta_path.is_file() else None,
     }
     return model, tokenizer, info
+
+
+# A run is "barely trained" below either mark: its text is still close to gibberish. The tiny
+# preset's 200 steps reach validation loss ~6.8 (perplexity ~900); the 15-minute quickstart
+# (small, ~500 steps) ~5.0.
+BARELY_TRAINED_STEPS = 100
+BARELY_TRAINED_VAL_LOSS = 6.5
+
+
+def describe_loaded(info: dict[str, Any]) -> str:
+    """One line naming what :func:`load_model` loaded: run, checkpoint, step, validation loss."""
+    val = info.get("val_loss") if info.get("val_loss") is not None else info.get("best_val_loss")
+    loss = f", val loss {val:.3f}" if val is not None else ""
+    return f"loaded {info['run_dir']}, checkpoint {info['checkpoint'].name} (step {info['step']}{loss})"
+
+
+def barely_trained(info: dict[str, Any]) -> str | None:
+    """Why the loaded run is barely trained (so its text will look like gibberish), or None."""
+    val = info.get("best_val_loss")
+    if info["step"] < BARELY_TRAINED_STEPS:
+        return f"{info['run_dir']} trained only {info['step']} steps: expect gibberish"
+    if val is not None and val >= BARELY_TRAINED_VAL_LOSS:
+        return f"{info['run_dir']} is barely trained (val loss {val:.2f}): expect gibberish"
+    return None

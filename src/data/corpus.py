@@ -93,22 +93,58 @@ def _hub_dailydialog(split: str) -> Part:
     return Part("dailydialog", split, [record], units)
 
 
+# A --text file is cut into pieces (at line ends) of at most sources.TEXT_CHUNK_CHARS; a smaller
+# file into about TEXT_MIN_PIECES pieces of at least TEXT_MIN_PIECE_CHARS, so that even a small
+# corpus has a piece to hold out for validation.
+TEXT_MIN_PIECES = 10
+TEXT_MIN_PIECE_CHARS = 1024
+
+
 def _text_parts(paths: list[Path], splits: list[str], every: int) -> list[Part]:
-    """The user's files as parts: every ``every``-th piece is held out for validation."""
+    """The user's files as parts: every ``every``-th piece is held out for validation (at
+    least one piece). Each file stays one document (a JSONL record: one each) in the
+    training split, the held-out pieces cut out of it; each held-out piece is a document.
+
+    Raises UserError for a file with no text (only whitespace), or, when validation is
+    prepared, for a corpus too small to hold out a piece, stating the minimum.
+    """
     infos = [sources.check_text_file(p) for p in paths]
     records = [_file_record(i) for i in infos]
-    total = sum(1 for p in paths for _ in sources.iter_text_file(p))
+    piece_chars = [min(sources.TEXT_CHUNK_CHARS, max(TEXT_MIN_PIECE_CHARS, i.bytes // TEXT_MIN_PIECES))
+                   for i in infos]
+    total = 0
+    for path, chars in zip(paths, piece_chars):
+        has_text = False
+        for text, _ in sources.iter_text_file(path, chars):
+            total += 1
+            has_text = has_text or bool(text.strip())
+        if not has_text:
+            raise UserError(f"{path}: no text in it (only whitespace)")
     held_out = {i for i in range(total) if i % every == every - 1}
     if not held_out and total >= 2:
         held_out = {total - 1}  # a small corpus still gets a validation piece
+    if "validation" in splits and not held_out:
+        size = sum(i.bytes for i in infos)
+        raise UserError(
+            f"--text: {size:,} bytes in one piece is too little text to hold out a validation "
+            f"share; give at least {2 * TEXT_MIN_PIECE_CHARS:,} bytes on several lines "
+            "(or 2 JSONL records)")
 
     def units(want_validation: bool) -> Iterator[Unit]:
         index = 0
-        for path in paths:
-            for text, ends in sources.iter_text_file(path):
-                if (index in held_out) == want_validation:
-                    yield ("text", text, ends or want_validation)
+        for path, chars in zip(paths, piece_chars):
+            last_train = None  # held back: the file's last training piece ends its document
+            for text, ends in sources.iter_text_file(path, chars):
+                held = index in held_out
                 index += 1
+                if want_validation and held:
+                    yield ("text", text, True)
+                elif not want_validation and not held:
+                    if last_train is not None:
+                        yield last_train
+                    last_train = ("text", text, ends)
+            if last_train is not None:
+                yield (last_train[0], last_train[1], True)
 
     parts = []
     for split in splits:

@@ -18,7 +18,8 @@ the space in front of it stays:
    to the next word), the second closes (attaches to the previous word). Curly quotes
    "“" and "”" say which they are.
 5. Apostrophes: clitics written as their own token attach to the word before them
-   (WikiText "don 't", "John 's", "O 'Brien"; DailyDialog "Let ' s", "I ’ m"); a lone
+   (WikiText "don 't", "John 's", "O 'Brien"; DailyDialog "Let ' s", "I ’ m"), in lower
+   case unless the word is in capitals (DailyDialog's "I ’ Ve" -> "I’ve"); a lone
    apostrophe after a word ending in "s" is a plural possessive ("fans ' votes" ->
    "fans' votes"); other lone apostrophes are paired as single quotes like rule 4.
 6. WikiText headings " = = Gameplay = = " become "== Gameplay ==".
@@ -50,6 +51,14 @@ def _is_word(token: str) -> bool:
     return bool(token) and token[-1].isalnum()
 
 
+def _clitic_case(word: str, clitic: str) -> str:
+    """The clitic as it should follow ``word``: DailyDialog capitalises some ("I ’ Ve",
+    "they ’ Ve"); only after a word in capitals ("DON ' T", "IBM ’ s") is it kept as written."""
+    word = word.strip()
+    shouted = len(word) > 1 and word.isupper()
+    return clitic if shouted else clitic.lower()
+
+
 def _join_tokens(tokens: list[str]) -> str:
     """Rules 1-5: rebuild one line from its space-separated tokens."""
     out: list[str] = []
@@ -77,7 +86,7 @@ def _join_tokens(tokens: list[str]) -> str:
             double_open = not double_open
         elif token in _APOSTROPHES:
             if _is_word(prev) and nxt.lower() in _CLITICS:  # "Let ' s" -> "Let's"
-                token, space = token + nxt, False
+                token, space = token + _clitic_case(prev, nxt), False
                 i += 1
             elif single_open:
                 space, single_open = False, False

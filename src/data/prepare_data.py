@@ -24,8 +24,10 @@ Documents (see sources.py for the readers):
   * DailyDialog: one document per dialogue, its utterances as alternating user/assistant
     turns in the project's chat template (src/tokenizer/chat_template.py), then <|endoftext|>.
   * --text: a .jsonl line's "text" field, or a whole plain-text file, then <|endoftext|>.
-    Every ``--text-val-every``-th piece (a JSONL record or ~64 KiB of a text file) is
-    held out for val.bin, since the user's text has no validation split of its own.
+    Every ``--text-val-every``-th piece (a JSONL record or ~64 KiB of a text file; a
+    smaller file is cut into ~10 pieces) is held out for val.bin, at least one piece, since
+    the user's text has no validation split of its own. A corpus too small for that (under
+    2 KiB or a single line) or with no text is refused.
 By default the releases' word-level tokenisation is undone (detokenize.py);
 ``--keep-tokenized`` keeps their text as it is. meta.json records which.
 
@@ -67,7 +69,7 @@ from src.data.token_files import Encoder, write_split
 from src.tokenizer.bpe import BPETokenizer
 from src.tokenizer.special_tokens import NUM_RESERVED_SPECIAL
 from src.utils.atomic import write_json_atomic, write_text_atomic
-from src.utils.cli import UserError, run_cli
+from src.utils.cli import DefaultsHelpFormatter, UserError, run_cli
 from src.utils.integrity import file_record, seal
 
 FORMAT_VERSION = 1
@@ -151,7 +153,7 @@ def up_to_date(out: Path, meta: dict | None, splits: list[str], fp: str) -> bool
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description="Prepare WikiText, DailyDialog and/or your own text: tokenizer.json, train.bin, val.bin, meta.json.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=DefaultsHelpFormatter,
     )
     p.add_argument("--data-dir", help="local copies of the releases (e.g. ../shared/data); default: the Hugging Face Hub")
     p.add_argument("--text", nargs="+", metavar="FILE", default=[], help="your own corpus: plain text or .jsonl with a 'text' field")
@@ -175,7 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer-sample-mb", type=float, default=TOKENIZER_SAMPLE_MB,
                    help="train the tokenizer on an evenly spread sample of this many MB of the training text when there is more (0: all of it)")
     p.add_argument("--out", default="data", help="output folder")
-    p.add_argument("--splits", default="train,val", help="train,val (default), or test on its own")
+    p.add_argument("--splits", default="train,val", help="train,val (default), or test on its own (--splits test)")
     p.add_argument("--mix", help="training weights, e.g. wikitext=1,dailydialog=2 (repeats documents; fractions allowed)")
     p.add_argument("--text-val-every", type=int, default=100, help="hold out every N-th piece of --text for val.bin")
     p.add_argument("--workers", type=int, default=min(os.cpu_count() or 1, 8), help="encoding processes (1: no pool)")
@@ -221,6 +223,7 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError(f"--vocab-size {args.vocab_size}: must be at least {256 + NUM_RESERVED_SPECIAL} (256 bytes + specials)")
     detokenize = not args.keep_tokenized
     out = Path(args.out)
+    _check_out_folder(out)
 
     # 1. Check every input and the tokenizer before writing anything.
     parts = resolve_parts(
@@ -258,16 +261,19 @@ def main(argv: list[str] | None = None) -> int:
     # 2. From here on files change: first make sure no stale meta.json vouches for them.
     out.mkdir(parents=True, exist_ok=True)
     (out / "meta.json").unlink(missing_ok=True)
-    if given_tok is None:
-        tok = _trained_tokenizer(out, train_parts, args.vocab_size, detokenize, args.force, sample)
-    else:
-        tok = given_tok
-        if tokenizer_path.resolve() != (out / "tokenizer.json").resolve():
-            tok.save(out / "tokenizer.json")
-    dtype = np.dtype(np.uint16 if tok.vocab_size <= 65536 else np.uint32)
+    try:
+        if given_tok is None:
+            tok = _trained_tokenizer(out, train_parts, args.vocab_size, detokenize, args.force, sample)
+        else:
+            tok = given_tok
+            if tokenizer_path.resolve() != (out / "tokenizer.json").resolve():
+                tok.save(out / "tokenizer.json")
+        dtype = np.dtype(np.uint16 if tok.vocab_size <= 65536 else np.uint32)
 
-    # 3. Encode each part into a temporary folder, then write each split file.
-    split_stats = _write_splits(out, parts, splits, weights, detokenize, dtype, max(1, args.workers))
+        # 3. Encode each part into a temporary folder, then write each split file.
+        split_stats = _write_splits(out, parts, splits, weights, detokenize, dtype, max(1, args.workers))
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt(_interrupted_note(out, given_tok is None)) from None
     for stats in split_stats.values():
         stats["fingerprint"] = fp
 
@@ -276,6 +282,26 @@ def main(argv: list[str] | None = None) -> int:
     write_json_atomic(out / "meta.json", seal(meta))
     _print_summary(out, meta, split_stats, time.time() - started)
     return 0
+
+
+def _interrupted_note(out: Path, trains_tokenizer: bool) -> str:
+    """What a Ctrl-C during steps 2-3 left in ``out``, and what running the command again does."""
+    if trains_tokenizer and (out / ".tokenizer.fingerprint").is_file():
+        return (f"{out}/ has its tokenizer but no finished token files (no meta.json); the same "
+                "command continues from that tokenizer and encodes again")
+    if trains_tokenizer:
+        return f"{out}/ has no finished tokenizer or token files; the same command starts clean"
+    return f"{out}/ has no finished token files (no meta.json); the same command encodes again"
+
+
+def _check_out_folder(out: Path) -> None:
+    """Refuse an ``--out`` that is, or lies under, an existing file (before any work)."""
+    for folder in (out, *out.parents):
+        if folder.exists():
+            if not folder.is_dir():
+                raise UserError(f"--out {out}: {folder} is a file, not a folder; "
+                                "name a folder for the prepared data")
+            return
 
 
 def _given_tokenizer_path(option: str | None, splits: list[str], out: Path) -> Path | None:
@@ -378,13 +404,15 @@ def _trained_tokenizer(out: Path, train_parts: list[Part], vocab_size: int, deto
         except UserError:
             tok = None
         if tok is not None and recorded == [stamp, tok.hash]:
-            print(f"reusing {out / 'tokenizer.json'}: trained from the same inputs and settings", file=sys.stderr)
+            print(f"continuing: reusing {out / 'tokenizer.json'}, trained from the same inputs and settings",
+                  file=sys.stderr)
             return tok
     total_mb = sum(p.text_chars for p in train_parts) / 1e6
     which = (f"an evenly spread {sample:.1%} of the documents of the training split "
              f"({sample * total_mb:,.0f} of {total_mb:,.0f} MB; --tokenizer-sample-mb)"
              if sample < 1 else "the training split")
-    print(f"training the tokenizer (vocab {vocab_size}) on {which}", file=sys.stderr)
+    print(f"training the tokenizer (vocab {vocab_size}) on {which}"
+          f"{' (starting clean)' if (out / 'tokenizer.json').is_file() else ''}", file=sys.stderr)
     texts = (t for p in train_parts for u in spread_sample(p.make_units(), sample)
              for t in unit_texts(u, detokenize))
     tok = BPETokenizer.train(texts, vocab_size, show_progress=True)
@@ -405,8 +433,13 @@ def _sources_meta(parts: list[Part], args: argparse.Namespace) -> dict:
 
 
 def _print_summary(out: Path, meta: dict, split_stats: dict, seconds: float) -> None:
-    print(f"wrote {out}/ in {seconds:.1f} s: vocab {meta['vocab_size']}, {meta['dtype']}, "
-          f"{'detokenised' if meta['detokenized'] else 'release tokenisation kept'}")
+    releases = [s for s in meta["sources"] if s != "text"]
+    if not releases:  # detokenisation applies to the releases only; the user's text is kept as is
+        how = "your text as given"
+    else:
+        how = f"{'/'.join(releases)} {'detokenised' if meta['detokenized'] else 'as released'}"
+        how += ", your text as given" if "text" in meta["sources"] else ""
+    print(f"wrote {out}/ in {seconds:.1f} s: vocab {meta['vocab_size']}, {meta['dtype']}, {how}")
     print(f"{'split':<6} {'source':<12} {'weight':>6} {'documents':>10} {'tokens':>12} {'bytes':>12} {'bytes/tok':>9}")
     for split, stats in split_stats.items():
         rows = list(stats["by_source"].items()) + [("all", {**stats, "weight": ""})]

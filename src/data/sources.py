@@ -303,12 +303,14 @@ def read_dailydialog(data_dir: str | os.PathLike, split: str) -> list[list[str]]
 TEXT_CHUNK_CHARS = 1 << 16
 
 
-def iter_text_file(path: Path) -> Iterator[tuple[str, bool]]:
+def iter_text_file(path: Path, piece_chars: int | None = None) -> Iterator[tuple[str, bool]]:
     """A user's text file as ``(text, ends_document)`` pieces, streaming.
 
     ``*.jsonl``: one document per line, from its "text" field. Any other file: the whole
-    file is one document, cut into pieces of about 64 KiB at line ends (so encoding runs
-    in parallel and in bounded memory); only the last piece ends the document.
+    file is one document, cut into pieces of about ``piece_chars`` (default
+    ``TEXT_CHUNK_CHARS``, 64 KiB) at line ends (so encoding runs in parallel and in bounded
+    memory, and a share can be held out for validation); only the last piece ends the
+    document, and no piece is empty unless the file is.
     """
     if path.suffix.lower() == ".jsonl":
         for number, line in enumerate(iter_lines(path), start=1):
@@ -322,16 +324,23 @@ def iter_text_file(path: Path) -> Iterator[tuple[str, bool]]:
                 raise UserError(f"{path}:{number}: JSONL record without a string 'text' field")
             yield record["text"], True
         return
+    piece_chars = piece_chars or TEXT_CHUNK_CHARS
     piece: list[str] = []
     size = 0
+    full = None  # the last full piece, held back until we know whether it ends the file
     with open(path, encoding="utf-8", newline="") as f:
         for line in f:
             piece.append(line)
             size += len(line)
-            if size >= TEXT_CHUNK_CHARS:
-                yield "".join(piece), False
-                piece, size = [], 0
-    yield "".join(piece), True
+            if size >= piece_chars:
+                if full is not None:
+                    yield full, False
+                full, piece, size = "".join(piece), [], 0
+    if piece:
+        if full is not None:
+            yield full, False
+        full = "".join(piece)
+    yield full or "", True
 
 
 # ---------------------------------------------------------------------------------------

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import multiprocessing
 import shutil
+import signal
 import sys
+import threading
 from collections import deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -84,6 +86,20 @@ class Encoded:
     documents: int = 0
 
 
+def _quiet_pool(workers: int, initargs: tuple) -> Any:
+    """A pool of worker processes that ignore Ctrl-C from birth: the terminal sends SIGINT to
+    the whole process group, and only the main process should react (it stops the pool), not
+    print a traceback per worker. An ignored signal stays ignored in a spawned child, and
+    Python then installs no KeyboardInterrupt handler in it."""
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if in_main_thread else None
+    try:
+        return multiprocessing.get_context("spawn").Pool(workers, _init_worker, initargs)
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGINT, previous)
+
+
 class Encoder:
     """Encodes parts with a pool of worker processes (or in this process for workers <= 1)."""
 
@@ -91,7 +107,7 @@ class Encoder:
         self.workers = workers
         initargs = (str(tokenizer_path), detokenize, np.dtype(dtype).name)
         if workers > 1:
-            self.pool = multiprocessing.get_context("spawn").Pool(workers, _init_worker, initargs)
+            self.pool = _quiet_pool(workers, initargs)
         else:
             self.pool = None
             _init_worker(*initargs)

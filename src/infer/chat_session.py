@@ -32,6 +32,7 @@ import torch
 
 from src.infer.sampling import (
     CHAT_DEFAULTS,
+    UNKNOWN_WORD,
     SamplingSettings,
     context_length_of,
     generate,
@@ -271,6 +272,7 @@ class ChatSession:
                 generator=self.generator,
                 on_context_full="stop",
                 on_text=stream,
+                banned_text=UNKNOWN_WORD,  # WikiText's placeholder: never in a reply
             )
             result = Reply(completion.text, completion.finish_reason)
         except KeyboardInterrupt:

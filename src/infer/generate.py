@@ -10,9 +10,11 @@ printed one after another when done, each under a ``--- sample i/N ---`` line. N
 (such as the context window sliding) go to stderr.
 
 Generation ends at ``<|endoftext|>`` (the end of a document), at a ``--stop`` string (not
-printed; ``\\n`` and ``\\t`` are understood), or after ``--max-new-tokens``. Text longer
-than the model's context keeps going: the window slides forward, forgetting the oldest
-quarter of the context (said once on stderr). The same ``--seed`` and flags give the same
+printed; ``\\n`` and ``\\t`` are understood), or after ``--max-new-tokens``. The chat
+markers (``<|user|>``, ``<|assistant|>``) and WikiText's ``<unk>`` placeholder are never
+sampled, so never printed; ``--show-special`` lets the model write them, as it learned to.
+Text longer than the model's context keeps going: the window slides forward, forgetting the
+oldest quarter of the context (said once on stderr). The same ``--seed`` and flags give the same
 text. The prompt is encoded as plain text: ``<|endoftext|>`` typed in it is just text.
 """
 
@@ -25,8 +27,15 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo root
 
 
-from src.checkpoint import checkpoint_from_args, load_model
-from src.infer.sampling import TEXT_DEFAULTS, SamplingSettings, generate, rename_setting_in_error
+from src.checkpoint import barely_trained, checkpoint_from_args, describe_loaded, load_model
+from src.infer.sampling import (
+    TEXT_DEFAULTS,
+    UNKNOWN_WORD,
+    SamplingSettings,
+    generate,
+    hidden_special_ids,
+    rename_setting_in_error,
+)
 from src.utils.cli import UserError, run_cli
 from src.utils.device import make_generator, pick_device
 from src.utils.terminal import printable
@@ -61,7 +70,8 @@ def add_loading_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--run", help="a run directory (default: the newest run under runs/)")
     parser.add_argument("--checkpoint", help="which checkpoint of the run: best (default: lowest "
                         "validation loss), latest, a step number, or a checkpoint folder")
-    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: auto)")
+    parser.add_argument("--device", default="auto",
+                        help="auto (CUDA, else Apple MPS, else CPU), cpu, cuda, cuda:N or mps (default: auto)")
     parser.add_argument("--verify", action="store_true",
                         help="check the SHA-256 of the checkpoint's files against its state.json "
                              "before loading (sizes and formats are always checked)")
@@ -70,9 +80,16 @@ def add_loading_args(parser: argparse.ArgumentParser) -> None:
 def load_model_from_args(args: argparse.Namespace):
     """(model, tokenizer, info) from --run/--checkpoint (default: the newest run's best
     checkpoint; a damaged one is skipped for the newest intact one) on --device; safetensors
-    only; SHA-256s checked with --verify."""
+    only; SHA-256s checked with --verify. Says on stderr which run and checkpoint it loaded
+    (one line), and warns when that run is barely trained: without --run the newest run is
+    taken, which may be a two-step test run."""
     ckpt = checkpoint_from_args(args.run, args.checkpoint, verify=getattr(args, "verify", False))
-    return load_model(ckpt, device=pick_device(args.device))
+    model, tokenizer, info = load_model(ckpt, device=pick_device(args.device))
+    print(describe_loaded(info), file=sys.stderr, flush=True)
+    warning = barely_trained(info)
+    if warning:
+        print(f"warning: {warning}", file=sys.stderr, flush=True)
+    return model, tokenizer, info
 
 
 def settings_from_args(
@@ -148,6 +165,8 @@ def main(argv: list[str] | None = None) -> int:
         help="stop at this text (repeatable; \\n and \\t understood)",
     )
     parser.add_argument("--no-echo", action="store_true", help="print only the continuation")
+    parser.add_argument("--show-special", action="store_true",
+                        help="let the model write chat markers and <unk> (hidden by default)")
     args = parser.parse_args(argv)
 
     if args.num_samples < 1:
@@ -190,6 +209,8 @@ def main(argv: list[str] | None = None) -> int:
         on_context_full="slide",
         on_text=on_text if stream else None,
         notice=notice,
+        banned_ids=() if args.show_special else hidden_special_ids(tokenizer),
+        banned_text=None if args.show_special else UNKNOWN_WORD,
     )
     if stream:
         out.write("\n")

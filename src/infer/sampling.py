@@ -225,11 +225,13 @@ def stream_ids(
     notice: Callable[[str], None] | None = None,
     banned_ids: Sequence[int] = (),
     unpenalised_ids: Sequence[int] = (),
+    banned_after: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> Iterator[torch.Tensor]:
     """Yield the sampled next tokens, one (num_samples,) long tensor per step on the CPU, at
     most ``settings.max_new_tokens`` steps. Fewer steps are yielded only when the context
     is full under ``on_context_full="stop"``. Stop tokens are the caller's business: it
-    simply stops iterating. ``banned_ids`` are never drawn; ``unpenalised_ids`` are exempt
+    simply stops iterating. ``banned_ids`` are never drawn; ``banned_after(seq)`` (B, vocab)
+    bans more, given the sequences so far (:class:`TextBan`); ``unpenalised_ids`` are exempt
     from the repetition penalty. The model is in eval mode while this runs, then restored.
     """
     if num_samples < 1:
@@ -277,6 +279,8 @@ def stream_ids(
                 last = logits[:, -1]
                 if ban is not None:
                     last = last.masked_fill(ban, float("-inf"))
+                if banned_after is not None:
+                    last = last.masked_fill(banned_after(seq), float("-inf"))
                 nxt = sample_next(last, settings, generator, seen, counts)
                 if counts is not None:
                     counts[torch.arange(num_samples, device=device), nxt] += 1
@@ -325,6 +329,51 @@ def undecodable_ids(tokenizer, vocab_size: int) -> list[int]:
         except ValueError:
             bad.append(i)
     return bad + list(range(known, vocab_size))
+
+
+# WikiText's tokenised release replaces rare words by "<unk>"; a model trained on it learns to
+# write it, and it is no word a reader wants to see. Generation bans its stem: after " <" the
+# model cannot go on with "unk", so neither "<unk>" nor a stray "<unk..." is ever written
+# (nothing natural starts so). Evaluation is unaffected: it scores text, it does not sample.
+UNKNOWN_WORD = "<unk"
+
+
+def hidden_special_ids(tokenizer) -> list[int]:
+    """The special tokens plain text generation never draws: all but <|endoftext|> (the chat
+    markers; <|endoftext|> ends the text instead)."""
+    return sorted(i for i in tokenizer.special_tokens.values() if i != tokenizer.eot_id)
+
+
+class TextBan:
+    """Keeps a text (``<unk>``) from ever being written, whatever pieces it would be made of:
+    the tokenizer splits it into several (``" <"``, ``"unk"``, ``">"``). For each way the
+    sequence can end in a start of the text (``""``, ``"<"``, ``"<u"``, ...), the tokens that
+    would complete it are found once; each step bans those of the state each row is in.
+    Call it with the (B, L) sequences so far: returns the (B, vocab) mask of banned ids."""
+
+    def __init__(self, tokenizer, text: str, vocab_size: int) -> None:
+        self.tokenizer = tokenizer
+        self.text = text.encode("utf-8")
+        self.prefixes = [self.text[:k] for k in range(len(self.text))]  # "", "<", "<u", ...
+        pieces = []
+        for i in range(vocab_size):
+            try:
+                pieces.append(tokenizer.token_bytes(i))
+            except ValueError:  # a reserved id with no token (banned anyway)
+                pieces.append(b"")
+        self.masks = torch.tensor([[self.text in prefix + piece for piece in pieces]
+                                   for prefix in self.prefixes], dtype=torch.bool)
+
+    def _state(self, ids: list[int]) -> int:
+        """How much of the text the sequence ends with (the longest such proper prefix)."""
+        tail = b"".join(self.tokenizer.token_bytes(i) for i in ids)[-len(self.text):]
+        return max(k for k, prefix in enumerate(self.prefixes) if tail.endswith(prefix))
+
+    def __call__(self, seq: torch.Tensor) -> torch.Tensor:
+        # Each token is at least one byte: the last len(text) tokens hold any partial match.
+        tails = seq[:, -len(self.text):].tolist()
+        states = torch.tensor([self._state(ids) for ids in tails], dtype=torch.long)
+        return self.masks[states].to(seq.device)
 
 
 class StopStringFilter:
@@ -394,8 +443,12 @@ def generate(
     on_context_full: ContextPolicy = "stop",
     on_text: Callable[[int, str], None] | None = None,
     notice: Callable[[str], None] | None = None,
+    banned_ids: Sequence[int] = (),
+    banned_text: str | None = None,
 ) -> list[Completion]:
-    """Sample ``num_samples`` continuations of ``prompt_ids``.
+    """Sample ``num_samples`` continuations of ``prompt_ids``; ``banned_ids`` are never drawn
+    (nor are ids with no text, :func:`undecodable_ids`), and ``banned_text`` is never written
+    (:class:`TextBan`).
 
     A row ends at the first of: a token in ``stop_ids`` (not included), a stop string in
     its decoded text (the text is cut before it), ``settings.max_new_tokens``, or the
@@ -436,7 +489,8 @@ def generate(
         use_cache=use_cache,
         on_context_full=on_context_full,
         notice=notice,
-        banned_ids=undecodable_ids(tokenizer, model.config.vocab_size),
+        banned_ids=[*undecodable_ids(tokenizer, model.config.vocab_size), *banned_ids],
+        banned_after=TextBan(tokenizer, banned_text, model.config.vocab_size) if banned_text else None,
         # A stop token is in every chat prompt; penalising it would make replies run on.
         unpenalised_ids=list(stop_set),
     )

@@ -86,6 +86,15 @@ def read_meta(data_dir: str | Path) -> dict[str, Any]:
     path = data_dir / "meta.json"
     problem = file_problem(path)
     if problem and not path.exists():
+        if data_dir.is_dir() and any(data_dir.iterdir()):
+            # A folder with other things in it (e.g. the raw releases): preparing into it would
+            # mix token files with them, so advise a folder of its own.
+            own = "data" if data_dir.resolve() != Path("data").resolve() else "data-prepared"
+            raise UserError(
+                f"{data_dir} holds no prepared data (no {path.name}; raw releases?); prepare it into "
+                f"a folder of its own: `python src/data/prepare_data.py --data-dir {data_dir} "
+                f"--out {own}`, then train with `--data {own}`"
+            )
         raise UserError(
             f"no prepared data in {data_dir} (missing {path.name}); prepare it with "
             f"`python src/data/prepare_data.py --out {data_dir}` "

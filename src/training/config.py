@@ -110,20 +110,47 @@ HELP: dict[str, str] = {
     "preset": "model preset + training hyper-parameters",
     "data": "folder written by src/data/prepare_data.py",
     "run_dir": "run folder (default runs/<preset>-<timestamp>; with --resume, the newest such run)",
+    "seed": "seed of the initial weights, the data order and dropout",
     "resume": "continue from the newest checkpoint in --run-dir",
     "max_steps": "optimiser steps the learning-rate schedule is planned for",
     "stop_at_step": "end this invocation at this step (checkpoint saved), schedule unchanged",
     "time_budget": "minutes: plan max_steps from measured speed so the run fits (0 = off)",
+    "context_length": "tokens per training sequence (default: the preset's)",
+    "n_layer": "transformer blocks (default: the preset's)",
+    "n_head": "attention heads (default: the preset's)",
+    "n_kv_head": "key/value heads, fewer than --n-head for grouped-query attention (default: the preset's)",
+    "d_model": "width of the residual stream (default: the preset's)",
+    "d_ff": "hidden width of each MLP (default: the preset's)",
+    "dropout": "dropout probability in training (default: the preset's)",
     "tokens_per_step": "global tokens per optimiser step (gradient accumulation reaches it)",
     "batch_size": "sequences per micro-batch, per process",
     "optimizer": "adamw, or muon for hidden matrices (AdamW for embeddings/norms)",
+    "lr": "peak learning rate, reached after the warm-up (Muon reuses it via RMS matching)",
+    "min_lr_ratio": "final learning rate as a fraction of --lr",
+    "weight_decay": "AdamW weight decay, applied to matrices only",
+    "beta1": "AdamW first-moment decay",
+    "beta2": "AdamW second-moment decay",
+    "grad_clip": "largest global gradient norm; 0 = no clipping",
+    "schedule": "learning-rate schedule after the warm-up (wsd: warmup-stable-decay)",
+    "warmup_steps": "steps of linear learning-rate warm-up",
+    "decay_fraction": "wsd: fraction of max_steps spent decaying",
+    "eval_interval": "steps between validations",
     "eval_tokens": "validation tokens per evaluation (0 = all)",
     "eval_stride": "sliding-window stride of validation (default: context length)",
+    "eval_batch_size": "windows per validation batch",
     "checkpoint_interval": "steps between checkpoints (default: eval_interval)",
     "keep_last": "number of recent checkpoints kept, besides the best",
     "early_stop_patience": "stop after N evaluations in a row without a better val loss (None: off)",
     "max_epochs": "warn at the start when the run would pass over the training data more often",
-    "peak_tflops": "device peak TFLOP/s for the MFU readout (known GPUs need none)",
+    "device": "auto (CUDA, else Apple MPS, else CPU), cpu, cuda, cuda:N or mps",
+    "dtype": "autocast precision; auto: bf16 on GPUs and CPUs with native bf16, else fp32",
+    "compile": "torch.compile the model (needs a C++ compiler on CPU)",
+    "fsdp": "under torchrun: shard with FSDP2 instead of replicating with DDP",
+    "peak_tflops": "device peak TFLOP/s for the MFU readout (default: known GPUs only)",
+    "progress": "progress bar on stderr",
+    "tensorboard": "TensorBoard event files in <run>/tensorboard (when installed)",
+    "plot": "redraw <run>/loss.png at each evaluation",
+    "sample_tokens": "length of the text sample printed at the end (0 = none)",
 }
 
 
@@ -216,7 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
                 kw["choices"] = CHOICES[f.name]
                 kw["metavar"] = "{" + ",".join(CHOICES[f.name]) + "}"
         # Show the real default in --help while keeping None as "not given on the command line".
-        if "default" not in kw["help"]:
+        if "default" not in kw["help"] and getattr(defaults, f.name) is not None:
             kw["help"] = f"{kw['help']} (default: {getattr(defaults, f.name)})"
         p.add_argument(flag, **kw)
     return p

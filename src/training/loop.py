@@ -13,7 +13,9 @@ One iteration of :meth:`TrainLoop.run`, top to bottom::
                         (a failed write warns and is retried at the next; see save)
     stop?               Ctrl-C / SIGTERM (caught by StopSignals), --stop-at-step, budget overrun,
                         early stop (``early_stop_patience`` evaluations in a row without a new
-                        best; the best checkpoint is the one to use, marked ``best``)
+                        best; the best checkpoint is the one to use, marked ``best``); a signal
+                        also stops a step between micro-batches (the step is dropped) and skips
+                        or abandons an evaluation; a second one exits at once
 
 The loop is independent of what it trains on: ``batches`` is any BatchSource (pretraining:
 BatchLoader over train.bin; a fine-tuning stage: masked conversation batches), ``evaluate`` any
@@ -34,7 +36,7 @@ import signal
 import sys
 import time
 from collections.abc import Callable
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -70,9 +72,24 @@ class CheckpointNotSaved(UserError):
 MAX_FAILED_SAVES = 3  # failed checkpoint writes in a row before a run gives up
 
 
+class Interrupted(KeyboardInterrupt):
+    """A second Ctrl-C / SIGTERM: the run stops at once; the message says what was saved."""
+
+
+class StopNow(Exception):
+    """Raised by :class:`StopSignals` inside :meth:`StopSignals.interruptible` code (an
+    evaluation): its result is not needed once the run is stopping, so it is abandoned."""
+
+
 class StopSignals:
     """While entered, SIGINT (Ctrl-C) and SIGTERM are noted in ``received`` instead of killing
-    the process: the loop then checkpoints and returns at the end of the current step."""
+    the process: the loop then stops at the end of the current micro-batch, checkpoints the last
+    completed step and returns. A second signal raises :class:`Interrupted` at once, with the
+    message ``describe()`` gives (what was and was not saved)."""
+
+    def __init__(self, describe: Callable[[], str]) -> None:
+        self.describe = describe
+        self._interruptible = False
 
     def __enter__(self) -> StopSignals:
         self.received: list[str] = []
@@ -83,8 +100,25 @@ class StopSignals:
         for s, handler in self._previous.items():
             signal.signal(s, handler)
 
+    @contextmanager
+    def interruptible(self):
+        """Code inside may be abandoned by the first signal (StopNow is raised in it)."""
+        self._interruptible = True
+        try:
+            if self.received:
+                raise StopNow
+            yield
+        finally:
+            self._interruptible = False
+
     def _note(self, signum: int, _frame: object) -> None:
-        self.received.append(signal.Signals(signum).name)
+        name = signal.Signals(signum).name
+        if self.received:
+            raise Interrupted(f"second {name}: stopped at once; {self.describe()}")
+        self.received.append(name)
+        if self._interruptible:
+            self._interruptible = False
+            raise StopNow
 
 
 class TrainLoop:
@@ -171,7 +205,7 @@ class TrainLoop:
         cfg = self.cfg
         end_reason = "finished"
         self.raw_model.train()
-        with StopSignals() as signals, self._run_log() as log:
+        with StopSignals(self._saved_so_far) as signals, self._run_log() as log:
             self.t_start = time.time()
             if self.stopped_early:  # resumed after an early stop: nothing left to do
                 return f"already stopped early at step {self.step}{self._best_text()}"
@@ -180,7 +214,12 @@ class TrainLoop:
                     end_reason = f"stopped at step {self.step} (--stop-at-step)"
                     break
                 t0 = time.time()
-                loss, grad_norm, lr = self.train_step()
+                done = self.train_step(signals, log)
+                if done is None:
+                    end_reason = (f"interrupted ({', '.join(signals.received)}) at step {self.step}; "
+                                  f"step {self.step + 1}, in progress, was dropped")
+                    break
+                loss, grad_norm, lr = done
                 self.step += 1
                 self.tokens_seen += self.tokens_per_step
                 self.last_loss = loss
@@ -192,7 +231,7 @@ class TrainLoop:
                     log.message(note)
 
                 finished = self.step >= self.max_steps
-                val_loss, is_best = self.evaluate_if_due(log, finished)
+                val_loss, is_best = self.evaluate_if_due(log, finished, signals)
                 interrupted = any_rank(bool(signals.received), self.dist, self.device)
                 if self.checkpoint_due(finished, interrupted or self.stopped_early, is_best):
                     self.save(val_loss, is_best)
@@ -207,21 +246,39 @@ class TrainLoop:
                 if any_rank(self.budget.exceeded(self.train_seconds()), self.dist, self.device):
                     end_reason = f"time budget exceeded at step {self.step}"
                     break
-            if self.last_saved != self.step:
+            if self.last_saved != self.step and self.step > 0:  # step 0: nothing trained to keep
                 self.save(final=True)
         if end_reason == "finished" and self.step == self.start_step and self.resumed:
             end_reason = f"already at step {self.step} of {self.max_steps}"
         return end_reason
 
-    def train_step(self) -> tuple[float, float, float]:
+    def train_step(self, signals: StopSignals | None = None,
+                   log: RunLog | None = None) -> tuple[float, float, float] | None:
         """One optimiser step over the next micro-batches; returns (loss, grad norm, lr).
-        Raises NonFiniteLoss, without applying the update, if either is NaN or infinite."""
+        Raises NonFiniteLoss, without applying the update, if either is NaN or infinite.
+
+        A stop signal (``signals``) that arrives between two micro-batches of a single-process
+        run drops the step: its gradients, data position and dropout draws are undone, so the
+        run stands exactly at the end of the last completed step, and None is returned. (Under
+        torchrun every process must finish the step together: it stops at the step's end.)
+        ``log``'s progress bar moves with each micro-batch."""
         lr = lr_at(self.step, self.cfg, self.max_steps)
         set_lr(self.optimizers, lr)
+        droppable = signals is not None and not self.dist.enabled
+        if droppable:
+            position, rng = self.batches.state_dict(), _torch_rng_state(self.device)
         micro_batches = self.batches.next_batch()
         n = len(micro_batches)
         loss_sum = torch.zeros((), device=self.device)
         for i, batch in enumerate(micro_batches):
+            if droppable and i > 0 and signals.received:
+                for opt in self.optimizers:
+                    opt.zero_grad(set_to_none=True)
+                self.batches.load_state_dict(position)
+                _set_torch_rng_state(rng, self.device)
+                return None
+            if log is not None and i > 0:
+                log.micro_batch(self.step, i / n)
             x, y = (t.to(self.device, non_blocking=True) for t in scored_targets(batch))
             # Gradients are all-reduced across processes once per step, on the last micro-batch.
             with no_grad_sync(self.model, active=i < n - 1), self._autocast():
@@ -255,13 +312,23 @@ class TrainLoop:
             self.scaler.update()
         return loss_val, norm_val, lr
 
-    def evaluate_if_due(self, log: RunLog, finished: bool) -> tuple[float | None, bool]:
+    def evaluate_if_due(self, log: RunLog, finished: bool,
+                        signals: StopSignals | None = None) -> tuple[float | None, bool]:
         """Every eval_interval steps and at the last one: evaluate, log, let the time budget
         re-plan. Returns (validation loss, whether it is the best so far), (None, False) when
-        no evaluation was due."""
+        no evaluation was due, or when a stop signal came before or during it (single process:
+        a stopping run does not wait for an evaluation)."""
         if not (self.step % self.cfg.eval_interval == 0 or finished):
             return None, False
-        result = self.evaluate()
+        if signals is not None and not self.dist.enabled:
+            try:
+                with signals.interruptible():
+                    result = self.evaluate()
+            except StopNow:
+                log.message(f"step {self.step}: evaluation skipped (stopping)")
+                return None, False
+        else:
+            result = self.evaluate()
         val_loss = result["val_loss"]
         is_best = val_loss < self.best_val
         self.best_val = min(self.best_val, val_loss)
@@ -338,6 +405,15 @@ class TrainLoop:
 
     # ---- helpers ---------------------------------------------------------------------------
 
+    def _saved_so_far(self) -> str:
+        """What a run stopped at once leaves: its last checkpoint, and what is not in it."""
+        last = reader.latest_checkpoint(self.run_dir)
+        if last is None:
+            return f"nothing saved (no checkpoint yet); {self.step} steps trained are lost"
+        saved = reader.read_state(last)["step"]
+        done = f"steps {saved + 1}-{self.step} and " if self.step > saved else ""
+        return f"last checkpoint {last} (step {saved}); {done}step {self.step + 1} (in progress) not saved"
+
     def _autocast(self):
         if self.amp_dtype is None:
             return nullcontext()
@@ -370,3 +446,14 @@ class TrainLoop:
                   else "No checkpoint was written yet; try a lower --lr")
         return NonFiniteLoss(f"non-finite {what} at step {self.step + 1} (loss {loss}, grad norm "
                              f"{grad_norm}); stopped without applying it. {advice}")
+
+
+def _torch_rng_state(device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The torch RNG states a training step draws from (dropout): CPU, and the GPU's."""
+    return torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+
+
+def _set_torch_rng_state(state: tuple[torch.Tensor, torch.Tensor | None], device: torch.device) -> None:
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1], device)

@@ -188,8 +188,18 @@ class RunLog:
 
     def step(self, record: dict[str, Any], postfix: str) -> None:
         self._record(record)
-        self.bar.update(1)
+        self._advance(record["step"])
         self.bar.set_postfix_str(postfix, refresh=False)
+
+    def micro_batch(self, step: int, fraction: float) -> None:
+        """Move the bar within an accumulated step (``fraction`` of step ``step + 1`` done):
+        a step of many micro-batches can take minutes."""
+        self._advance(step + fraction)
+
+    def _advance(self, position: float) -> None:
+        self.bar.update(position - self.bar.n)  # tqdm's rate and ETA follow its updates
+        if float(position).is_integer():
+            self.bar.n = int(position)  # shown as "3/200", not "3.0/200"
 
     def evaluation(self, record: dict[str, Any], summary: str) -> None:
         self._record(record)

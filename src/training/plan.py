@@ -67,7 +67,10 @@ def flops_per_token(c: GPTConfig) -> float:
 @functools.lru_cache(maxsize=1)  # once per process: the machine does not change
 def cpu_matmul_flops(seconds: float = 0.3, size: int = 1024) -> float:
     """fp32 matrix-multiply FLOP/s of this CPU, measured for about ``seconds``."""
-    a, b = torch.randn(size, size), torch.randn(size, size)
+    # Its own generator: drawing from the global one would shift a seeded run's dropout masks
+    # (and only in the first run of a process, because of the cache).
+    gen = torch.Generator().manual_seed(0)
+    a, b = torch.randn(size, size, generator=gen), torch.randn(size, size, generator=gen)
     torch.mm(a, b)  # warm-up: thread pool, caches
     n, start = 0, time.perf_counter()
     while (elapsed := time.perf_counter() - start) < seconds:

@@ -8,9 +8,10 @@ The table sits in the training room, above the model: src/model knows nothing of
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from src.model.gpt import GPTConfig
+if TYPE_CHECKING:
+    from src.model.gpt import GPTConfig
 
 
 @dataclass(frozen=True)
@@ -78,6 +79,9 @@ PRESETS: dict[str, Preset] = {
 def model_config(name: str, **overrides: Any) -> GPTConfig:
     """The model config of preset ``name`` with any field overridden (e.g. vocab_size=512).
     ValueError for an unknown preset or an invalid field, naming it."""
+    # Imported here, not at the top: the table alone (train.py --help, config checks) needs no torch.
+    from src.model.gpt import GPTConfig
+
     if name not in PRESETS:
         raise ValueError(f"unknown model preset {name!r}; choose one of {sorted(PRESETS)}")
     return GPTConfig.from_dict({**PRESETS[name].model, **overrides})

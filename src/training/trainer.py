@@ -3,18 +3,21 @@
 ``train(cfg)`` is what ``python train.py`` runs (and what tests call directly). In order:
 
   1. device, precision, processes (torchrun -> DDP / FSDP2)
-  2. data: meta.json, memory-mapped train.bin / val.bin, the tokenizer
+  2. data: meta.json, memory-mapped train.bin / val.bin, the tokenizer; the model shape, and
+     whether a micro-batch of it can fit in memory (src/training/memory.py)
   3. run folder: a fresh one (config, tokenizer and data meta copied in) or a resumed one
   4. model, optimiser(s), optional torch.compile
   5. resume: weights, optimiser and every RNG from the checkpoint (the loop restores its step,
      data position and time budget) -> continues bit-exactly
   6. the loop (src/training/loop.py): steps, validation (loss / perplexity / bits per byte),
-     checkpoints, time budget, Ctrl-C / SIGTERM -> checkpoint and a clean exit
+     checkpoints, time budget, Ctrl-C / SIGTERM -> checkpoint and a clean exit; a fresh run
+     that ends (or fails) before its first step leaves no run folder
   7. a summary, a text sample, and how to continue
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -45,6 +48,7 @@ from src.training.distributed import (
     wrap_model,
 )
 from src.training.loop import TrainLoop
+from src.training.memory import check_fits
 from src.training.optim import build_optimizers
 from src.training.plan import make_plan
 from src.training.presets import model_config
@@ -166,6 +170,13 @@ def _train(cfg: TrainConfig, device: torch.device, dist_info: DistInfo, loss_hoo
         raise UserError(f"{data_dir / 'tokenizer.json'} does not match {data_dir / 'meta.json'} "
                         f"(tokenizer hash differs); {prepare_hint(data_dir)}")
 
+    try:
+        model_cfg = model_config(cfg.preset, vocab_size=meta.get("vocab_size", tokenizer.vocab_size),
+                                 **cfg.model_overrides())
+    except ValueError as exc:
+        raise UserError(f"invalid model shape: {exc}") from None
+    check_fits(model_cfg, cfg.batch_size, device)  # before a run folder exists
+
     # ---- 3. run folder ---------------------------------------------------------------------
     run_dir, resume_from = open_run_dir(cfg, data_dir, meta, dist_info, device, log)
 
@@ -174,11 +185,6 @@ def _train(cfg: TrainConfig, device: torch.device, dist_info: DistInfo, loss_hoo
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)  # also seeds CUDA
-    try:
-        model_cfg = model_config(cfg.preset, vocab_size=meta.get("vocab_size", tokenizer.vocab_size),
-                                 **cfg.model_overrides())
-    except ValueError as exc:
-        raise UserError(f"invalid model shape: {exc}") from None
     raw_model = GPT(model_cfg).to(device)
     T = model_cfg.context_length
     # After init, each rank draws its own dropout masks.
@@ -229,7 +235,18 @@ def _train(cfg: TrainConfig, device: torch.device, dist_info: DistInfo, loss_hoo
             "optimizers": [type(o).__name__ for o in optimizers],
         },
     )
-    end_reason = loop.run()
+    try:
+        end_reason = loop.run()
+    except BaseException:
+        if resume_from is None and dist_info.is_main:
+            discard_untrained_run(run_dir)
+        raise
+    if loop.step == 0 and resume_from is None:  # stopped before the first step completed
+        if dist_info.is_main:
+            discard_untrained_run(run_dir)
+        log(f"{end_reason}: nothing was trained, so no run folder is kept")
+        return {"run_dir": None, "step": 0, "best_val_loss": math.inf, "last_loss": math.nan,
+                "end_reason": end_reason, "max_steps": loop.max_steps}
 
     # ---- 7. summary --------------------------------------------------------------------------
     step, max_steps, best_val = loop.step, loop.max_steps, loop.best_val
@@ -241,7 +258,8 @@ def _train(cfg: TrainConfig, device: torch.device, dist_info: DistInfo, loss_hoo
         f"{best_text}; {done_steps} steps in {seconds / 60:.1f} min "
         f"({done_steps * tokens_per_step / max(seconds, 1e-9):,.0f} tokens/s); "
         f"{epochs:.2f} epochs of the training data seen")
-    if dist_info.is_main and cfg.sample_tokens and done_steps and not cfg.fsdp:
+    stopping = end_reason.startswith("interrupted")  # the user is waiting: no sample then
+    if dist_info.is_main and cfg.sample_tokens and done_steps and not cfg.fsdp and not stopping:
         log(f"sample: {sample_text(raw_model, tokenizer, cfg.sample_tokens, device)!r}")
     log(f"saved to {run_dir}")
     if step < max_steps and not loop.stopped_early:
@@ -283,6 +301,27 @@ def open_run_dir(cfg: TrainConfig, data_dir: Path, meta: dict[str, Any], dist_in
             shutil.copyfile(data_dir / "tokenizer.json", run_dir / "tokenizer.json")
             write_json_atomic(run_dir / "data_meta.json", meta)
     return run_dir, resume_from
+
+
+# What a fresh run writes into its folder before its first checkpoint (see src/checkpoint/layout.py).
+RUN_FILES = ("config.json", "tokenizer.json", "data_meta.json", "metrics.jsonl", "loss.png",
+             "tensorboard", reader.CHECKPOINTS)
+
+
+def discard_untrained_run(run_dir: Path) -> None:
+    """Remove what a fresh run wrote, if it has no checkpoint: a run folder that did not train a
+    step is noise in runs/ (and chat.py must never pick it). The folder itself goes only if
+    nothing else is in it, so a user's own files are never touched."""
+    if reader.list_checkpoints(run_dir):
+        return
+    for name in RUN_FILES:
+        path = run_dir / name
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+    with contextlib.suppress(OSError):
+        run_dir.rmdir()
 
 
 def validation(model: torch.nn.Module, tokens: np.ndarray, tokenizer: BPETokenizer,
