@@ -1,6 +1,7 @@
-"""Export a BPETokenizer to Hugging Face ``tokenizers`` and to ``tiktoken``.
+"""Export a BPETokenizer to Hugging Face ``tokenizers`` / ``transformers``, to ``tiktoken`` and
+to GGUF metadata, and read a Hugging Face ``tokenizer.json`` of ours back.
 
-Both libraries are optional and imported lazily. The exports give the same ids as our
+The libraries are optional and imported lazily. The exports give the same ids as our
 encoder (tests check this on the validation corpora):
 
 - Hugging Face ``tokenizer.json``: a BPE model with our merges (pair-based, exactly our
@@ -10,6 +11,13 @@ encoder (tests check this on the validation corpora):
 - ``tiktoken.Encoding`` and tiktoken's ranks file: tiktoken ranks tokens by their bytes,
   not by pairs; see :mod:`src.tokenizer.fast_path` (BPETokenizer's fast path) for why the
   two agree.
+- A ``transformers`` tokenizer folder: ``tokenizer.json`` plus ``tokenizer_config.json``
+  (special tokens, no automatic BOS/EOS, no clean-up of spaces, the chat template) and
+  ``special_tokens_map.json``. The chat template is Jinja built from the same tables as
+  :mod:`src.tokenizer.chat_template`, so it renders exactly what ``encode_chat`` encodes.
+- GGUF (llama.cpp): the "gpt2" (byte-level BPE) tokenizer model: tokens in the byte-level
+  alphabet, merges, token types, special ids, the chat template, and the pre-tokenizer name
+  whose split regex equals ours (``llama-bpe``, Llama 3's).
 """
 
 from __future__ import annotations
@@ -21,9 +29,12 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from src.tokenizer.bpe import BPETokenizer
+from src.tokenizer.bpe import BPETokenizer, TokenizerFileError
+from src.tokenizer.bpe_train import SPLIT_PATTERN
+from src.tokenizer.chat_template import ASSISTANT_STOP_TOKENS, ROLE_TOKENS
 from src.tokenizer.fast_path import require_distinct_tokens, tiktoken_encoding
-from src.utils.atomic import write_text_atomic
+from src.tokenizer.special_tokens import ASSISTANT, ENDOFTEXT
+from src.utils.atomic import write_json_atomic, write_text_atomic
 
 
 @lru_cache(maxsize=1)
@@ -123,3 +134,187 @@ def load_tiktoken(path: str | os.PathLike):
         mergeable_ranks=load_tiktoken_bpe(os.fspath(path)),
         special_tokens=meta["special_tokens"],
     )
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading a tokenizer.json of ours back (e.g. from an exported Hugging Face folder).
+
+
+def from_hf_tokenizer_json(data: dict[str, Any], source: str = "tokenizer.json") -> BPETokenizer:
+    """The BPETokenizer a :func:`hf_tokenizer_json` dict describes. Only our layout can be read
+    back (ids 0-255 the bytes in order, merge ``i`` the id ``256 + i``, the special tokens
+    next, split by one regex); anything else is a TokenizerFileError naming ``source``."""
+    def bad(why: str) -> TokenizerFileError:
+        return TokenizerFileError(f"{source}: {why}; only this project's byte-level BPE "
+                                  "layout can be converted")
+
+    try:
+        model, pre = data["model"], data["pre_tokenizer"]
+        if model.get("type") != "BPE":
+            raise bad(f"tokenizer model {model.get('type')!r} is not BPE")
+        vocab: dict[str, int] = model["vocab"]
+        raw_merges = model["merges"]
+        steps = pre["pretokenizers"] if pre.get("type") == "Sequence" else [pre]
+        patterns = [p["pattern"]["Regex"] for p in steps if p.get("type") == "Split"]
+        if len(patterns) != 1 or not any(p.get("type") == "ByteLevel" for p in steps):
+            raise bad("the pre-tokenizer is not one Split regex followed by ByteLevel")
+        added = sorted(data.get("added_tokens") or [], key=lambda t: t["id"])
+    except (KeyError, TypeError, AttributeError) as exc:
+        raise bad(f"missing or malformed field {exc}") from None
+    u2b = {u: b for b, u in byte_to_unicode().items()}
+    if any(vocab.get(u) != b for b, u in byte_to_unicode().items()):
+        raise bad("ids 0-255 are not the 256 bytes in order")
+    merges = []
+    for i, pair in enumerate(raw_merges):
+        a, b = pair.split(" ", 1) if isinstance(pair, str) else pair
+        if a not in vocab or b not in vocab or vocab.get(a + b) != 256 + i:
+            raise bad(f"merge {i} ({a!r}, {b!r}) does not produce id {256 + i}")
+        merges.append((vocab[a], vocab[b]))
+    if len(vocab) != 256 + len(merges):
+        raise bad(f"{len(vocab)} tokens for {len(merges)} merges (expected 256 + merges)")
+    if not all(set(t) <= set(u2b) for t in vocab):
+        raise bad("a token is not written in the byte-level alphabet")
+    specials = [t["content"] for t in added]
+    if [t["id"] for t in added] != list(range(len(vocab), len(vocab) + len(added))):
+        raise bad("the special tokens do not directly follow the merged tokens")
+    try:
+        return BPETokenizer(merges, pattern=patterns[0], special_tokens=specials)
+    except ValueError as exc:
+        raise bad(str(exc)) from None
+
+
+# ----------------------------------------------------------------------------------------------
+# A transformers tokenizer folder: tokenizer.json, tokenizer_config.json, special_tokens_map.json
+
+
+def jinja_chat_template() -> str:
+    """Our chat template in Jinja, for ``apply_chat_template`` (transformers, llama.cpp).
+
+    It renders what a chat prompt holds (see src/infer/chat_session.py): ``<|endoftext|>``
+    (every dialogue follows a document's end in training), then each message as its role's
+    token followed by its text (a system message, where the tokenizer has that role, first
+    only), then ``<|assistant|>`` with ``add_generation_prompt`` or else ``<|endoftext|>``
+    (a finished conversation, ``render_chat(end=True)``). Built from ROLE_TOKENS, so a role
+    added there is added here. An unknown role raises, as ``Turn`` does.
+    """
+    roles = json.dumps(ROLE_TOKENS, ensure_ascii=False)
+    known = ", ".join(ROLE_TOKENS)
+    lines = [
+        "{%- set role_tokens = " + roles + " -%}",
+        "{{- " + json.dumps(ENDOFTEXT) + " -}}",
+        "{%- for message in messages -%}",
+        "{%- if message['role'] not in role_tokens -%}",
+        "{{- raise_exception('unknown chat role ' + message['role'] + '; expected one of "
+        + known + "') -}}",
+        "{%- endif -%}",
+    ]
+    if "system" in ROLE_TOKENS:
+        lines += [
+            "{%- if message['role'] == 'system' and not loop.first -%}",
+            "{{- raise_exception('a system message may only come first') -}}",
+            "{%- endif -%}",
+        ]
+    lines += [
+        "{{- role_tokens[message['role']] + message['content'] -}}",
+        "{%- endfor -%}",
+        "{%- if add_generation_prompt -%}{{- " + json.dumps(ASSISTANT) + " -}}",
+        "{%- else -%}{{- " + json.dumps(ENDOFTEXT) + " -}}{%- endif -%}",
+    ]
+    return "\n".join(lines)
+
+
+def _added_token(content: str) -> dict[str, Any]:
+    return {"content": content, "single_word": False, "lstrip": False, "rstrip": False,
+            "normalized": False, "special": True}
+
+
+def special_tokens_map(tok: BPETokenizer) -> dict[str, Any]:
+    """``special_tokens_map.json``: ``<|endoftext|>`` is BOS, EOS and padding (documents are
+    separated by it); the role tokens are additional special tokens."""
+    others = [s for s in tok.special_tokens if s != ENDOFTEXT]
+    return {"bos_token": ENDOFTEXT, "eos_token": ENDOFTEXT, "pad_token": ENDOFTEXT,
+            "additional_special_tokens": others}
+
+
+def hf_tokenizer_config(tok: BPETokenizer, context_length: int) -> dict[str, Any]:
+    """``tokenizer_config.json`` for ``AutoTokenizer``: no BOS/EOS added to plain text (so its
+    ids equal our ``encode``), no clean-up of spaces on decoding (our decoding is lossless),
+    the chat template, and every special token by id."""
+    return {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        **special_tokens_map(tok),
+        "unk_token": None,
+        "add_bos_token": False,
+        "add_eos_token": False,
+        "clean_up_tokenization_spaces": False,
+        "model_max_length": context_length,
+        "chat_template": jinja_chat_template(),
+        "added_tokens_decoder": {str(i): _added_token(s) for s, i in tok.special_tokens.items()},
+    }
+
+
+def save_hf_folder(tok: BPETokenizer, folder: str | os.PathLike, context_length: int) -> list[str]:
+    """Write the tokenizer files of a transformers model folder; returns their names."""
+    folder = Path(folder)
+    save_hf(tok, folder / "tokenizer.json")
+    write_json_atomic(folder / "tokenizer_config.json", hf_tokenizer_config(tok, context_length))
+    write_json_atomic(folder / "special_tokens_map.json", special_tokens_map(tok))
+    return ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"]
+
+
+# ----------------------------------------------------------------------------------------------
+# GGUF metadata (llama.cpp)
+
+# llama.cpp's name for the pre-tokenizer whose regex is SPLIT_PATTERN: Llama 3's ("llama-bpe",
+# LLAMA_VOCAB_PRE_TYPE_LLAMA3). Its contractions are written (?i:'s|'t|...) there and with
+# explicit cases here; transformers' GGUF reader maps the name to the same regex.
+GGUF_PRE_TOKENIZER = {SPLIT_PATTERN: "llama-bpe"}
+
+
+def reserved_token_name(token_id: int) -> str:
+    """The placeholder text of a reserved, unassigned special id in a GGUF token list."""
+    return f"<|reserved_{token_id}|>"
+
+
+def add_gguf_tokenizer(writer, tok: BPETokenizer, n_vocab: int) -> None:
+    """Write ``tok`` into a ``gguf.GGUFWriter``'s metadata as llama.cpp's byte-level BPE
+    ("gpt2") tokenizer with ``n_vocab`` tokens (the model's embedding rows: the reserved
+    special ids get placeholder tokens of type UNUSED). ValueError if the split pattern has
+    no llama.cpp pre-tokenizer or ``n_vocab`` is smaller than the tokenizer."""
+    import gguf
+
+    require_distinct_tokens(tok.vocab, "a GGUF token list")
+    pre = GGUF_PRE_TOKENIZER.get(tok.pattern)
+    if pre is None:
+        raise ValueError("llama.cpp has no pre-tokenizer for this tokenizer's split pattern")
+    specials = {i: s for s, i in tok.special_tokens.items()}
+    if n_vocab < len(tok.vocab) + len(specials):
+        raise ValueError(f"{n_vocab} embedding rows cannot hold the tokenizer's "
+                         f"{len(tok.vocab) + len(specials)} tokens")
+    b2u = byte_to_unicode()
+    tokens, types = [], []
+    for i in range(n_vocab):
+        if i < len(tok.vocab):
+            tokens.append("".join(b2u[b] for b in tok.vocab[i]))
+            types.append(gguf.TokenType.NORMAL)
+        elif i in specials:
+            tokens.append(specials[i])
+            types.append(gguf.TokenType.CONTROL)
+        else:
+            tokens.append(reserved_token_name(i))
+            types.append(gguf.TokenType.UNUSED)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(pre)
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    writer.add_token_merges([f"{tokens[a]} {tokens[b]}" for a, b in tok.merges])
+    eot = tok.special_tokens[ENDOFTEXT]
+    writer.add_bos_token_id(eot)  # documents start after <|endoftext|>; not added automatically
+    writer.add_eos_token_id(eot)
+    writer.add_pad_token_id(eot)
+    # End of an assistant turn: the next user turn (ASSISTANT_STOP_TOKENS' other member).
+    (turn_end,) = [s for s in ASSISTANT_STOP_TOKENS if s != ENDOFTEXT]
+    writer.add_eot_token_id(tok.special_tokens[turn_end])
+    writer.add_add_bos_token(False)
+    writer.add_add_eos_token(False)
+    writer.add_chat_template(jinja_chat_template())
