@@ -59,9 +59,11 @@ def _gguf_name(llama_name: str) -> str:
     import gguf
 
     if llama_name in _GLOBAL_TENSORS:
-        return gguf.TENSOR_NAMES[gguf.MODEL_TENSOR[_GLOBAL_TENSORS[llama_name]]]
-    _, _, layer, rest = llama_name.split(".", 3)  # model.layers.{i}.{rest}
-    return gguf.TENSOR_NAMES[gguf.MODEL_TENSOR[_LAYER_TENSORS[rest]]].format(bid=int(layer))
+        base = gguf.TENSOR_NAMES[gguf.MODEL_TENSOR[_GLOBAL_TENSORS[llama_name]]]
+    else:
+        _, _, layer, rest = llama_name.split(".", 3)  # model.layers.{i}.{rest}
+        base = gguf.TENSOR_NAMES[gguf.MODEL_TENSOR[_LAYER_TENSORS[rest]]].format(bid=int(layer))
+    return base + ".weight"  # e.g. blk.0.attn_q.weight, as llama.cpp names them
 
 
 def to_gguf_tensors(model: GPT) -> dict[str, torch.Tensor]:
