@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors.torch import load_file
 
 from src.checkpoint import save_model_checkpoint, save_tensors
 from src.infer.sampling import CHAT_DEFAULTS, undecodable_ids
@@ -118,8 +118,7 @@ def _read_hf_weights(folder: Path) -> dict[str, torch.Tensor]:
     tensors: dict[str, torch.Tensor] = {}
     for shard in shards:
         try:
-            with safe_open(str(folder / shard), framework="pt") as f:
-                tensors.update({k: f.get_tensor(k) for k in f.keys()})
+            tensors.update(load_file(str(folder / shard)))
         except Exception as exc:  # safetensors raises several types on a damaged file
             raise UserError(f"cannot read {folder / shard}: {exc}") from None
     return tensors
