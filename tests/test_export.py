@@ -228,3 +228,14 @@ def test_force_replaces_and_nothing_is_left_beside(run_dir, tmp_path):
     export_run(run_dir, out, force=True)
     assert not (out / "old.txt").exists() and (out / "config.json").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_export_room_never_imports_training():
+    """Export and training are sibling rooms: src/export reads runs through src/checkpoint."""
+    import ast
+
+    for path in (Path(__file__).resolve().parents[1] / "src" / "export").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            assert not any(n.startswith("src.training") for n in names), path.name
