@@ -20,6 +20,8 @@ from src.export import export_run, import_hf  # noqa: E402
 from src.infer.chat_session import ChatSession  # noqa: E402
 from src.infer.sampling import SamplingSettings, generate  # noqa: E402
 from src.tokenizer.chat_template import ROLE_TOKENS, Turn, encode_chat, reply_stop_ids  # noqa: E402
+from src.tokenizer.formats import jinja_chat_template  # noqa: E402
+from src.tokenizer.special_tokens import ASSISTANT, ENDOFTEXT, USER  # noqa: E402
 from tests.fixtures import make_tiny_run  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -139,6 +141,15 @@ def test_chat_template_system_role(hf_tok, ours):
     assert ids == chat_prompt(tok, messages, add_generation_prompt=True, end=False)
     with pytest.raises(Exception, match="system"):
         hf_tok.apply_chat_template([CHAT[0], {"role": "system", "content": "late"}])
+
+
+def test_template_has_only_the_roles_the_tokenizer_has():
+    """A run whose tokenizer predates a role gets no template branch for it."""
+    import re
+
+    specials = {ENDOFTEXT: 300, USER: 301, ASSISTANT: 302}
+    written = set(re.findall(r"<\|\w+\|>", jinja_chat_template(specials)))
+    assert written == set(specials)
 
 
 def test_logits_match_fp32(hf_model, ours):

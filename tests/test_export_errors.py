@@ -162,8 +162,10 @@ def test_from_hf_foreign_tokenizer_and_missing_weights(hf_dir, tmp_path, capsys)
 
 def test_cli_exports_and_prints_a_load_line(run_dir, tmp_path, capsys):
     main = export_cli().main
+    step = json.loads((latest_checkpoint(run_dir) / "state.json").read_text())["step"]
     assert main(["--run", str(run_dir), "--out", str(tmp_path / "o"), "--format", "both",
-                 "--dtype", "float16"]) == 0
+                 "--dtype", "float16", "--checkpoint", str(step)]) == 0
+    assert json.loads((tmp_path / "o" / "gpt_model_run.json").read_text())["step"] == step
     out = capsys.readouterr().out
     assert "model-f16.gguf" in out and "model.safetensors" in out
     assert out.strip().splitlines()[-1].startswith("load it: ")

@@ -65,13 +65,16 @@ def check_out(out: Path, force: bool) -> None:
 
 def pick_checkpoint(run: Path | None, which: str) -> Path:
     """The checkpoint folder of ``run`` (None: the newest run under runs/) that ``which``
-    names: "best" (else the latest, when no evaluation chose one), "latest", or a step."""
+    names: "best" (else the latest, when no evaluation chose one), "latest", or a step.
+    ``run`` may also be a checkpoint folder itself."""
     if run is None:
         run = newest_run(Path("runs"))
         if run is None:
             raise UserError(f"no trained run found under {Path('runs').resolve()}; {TRAIN_HINT}")
     if not run.is_dir():
         raise UserError(f"--run {run}: no such folder")
+    if is_complete(run):  # a checkpoint folder itself
+        return run
     if which == "best":
         ckpt = best_checkpoint(run) or latest_checkpoint(run)
     elif which == "latest":

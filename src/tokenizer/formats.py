@@ -25,6 +25,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+from collections.abc import Mapping
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -187,20 +188,21 @@ def from_hf_tokenizer_json(data: dict[str, Any], source: str = "tokenizer.json")
 # A transformers tokenizer folder: tokenizer.json, tokenizer_config.json, special_tokens_map.json
 
 
-def jinja_chat_template() -> str:
+def jinja_chat_template(special_tokens: Mapping[str, int]) -> str:
     """Our chat template in Jinja, for ``apply_chat_template`` (transformers, llama.cpp).
 
     It renders what a chat prompt holds (see src/infer/chat_session.py): ``<|endoftext|>``
     (every dialogue follows a document's end in training), then each message as its role's
     token followed by its text (a system message, where the tokenizer has that role, first
     only), then ``<|assistant|>`` with ``add_generation_prompt`` or else ``<|endoftext|>``
-    (a finished conversation, ``render_chat(end=True)``). Built from ROLE_TOKENS, so a role
-    added there is added here. An unknown role raises, as ``Turn`` does.
+    (a finished conversation, ``render_chat(end=True)``). Built from ROLE_TOKENS, keeping the
+    roles whose token is in ``special_tokens`` (a tokenizer trained before a role existed has
+    no id for it). An unknown role raises, as ``Turn`` does.
     """
-    roles = json.dumps(ROLE_TOKENS, ensure_ascii=False)
-    known = ", ".join(ROLE_TOKENS)
+    roles = {role: token for role, token in ROLE_TOKENS.items() if token in special_tokens}
+    known = ", ".join(roles)
     lines = [
-        "{%- set role_tokens = " + roles + " -%}",
+        "{%- set role_tokens = " + json.dumps(roles, ensure_ascii=False) + " -%}",
         "{{- " + json.dumps(ENDOFTEXT) + " -}}",
         "{%- for message in messages -%}",
         "{%- if message['role'] not in role_tokens -%}",
@@ -208,7 +210,7 @@ def jinja_chat_template() -> str:
         + known + "') -}}",
         "{%- endif -%}",
     ]
-    if "system" in ROLE_TOKENS:
+    if "system" in roles:
         lines += [
             "{%- if message['role'] == 'system' and not loop.first -%}",
             "{{- raise_exception('a system message may only come first') -}}",
@@ -248,7 +250,7 @@ def hf_tokenizer_config(tok: BPETokenizer, context_length: int) -> dict[str, Any
         "add_eos_token": False,
         "clean_up_tokenization_spaces": False,
         "model_max_length": context_length,
-        "chat_template": jinja_chat_template(),
+        "chat_template": jinja_chat_template(tok.special_tokens),
         "added_tokens_decoder": {str(i): _added_token(s) for s, i in tok.special_tokens.items()},
     }
 
@@ -317,4 +319,4 @@ def add_gguf_tokenizer(writer, tok: BPETokenizer, n_vocab: int) -> None:
     writer.add_eot_token_id(tok.special_tokens[turn_end])
     writer.add_add_bos_token(False)
     writer.add_add_eos_token(False)
-    writer.add_chat_template(jinja_chat_template())
+    writer.add_chat_template(jinja_chat_template(tok.special_tokens))
