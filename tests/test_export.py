@@ -7,6 +7,7 @@ GGUF files are checked in tests/test_export_gguf.py, bad input in tests/test_exp
 
 from __future__ import annotations
 
+import inspect
 import json
 from pathlib import Path
 
@@ -124,6 +125,8 @@ def test_chat_template_gives_our_chat_prompt(hf_tok, ours):
     finished = hf_tok.apply_chat_template(CHAT[:2])["input_ids"]
     assert finished == chat_prompt(tok, CHAT[:2], end=True)
     # A message spelling special tokens: plain text here, and there with sanitizing.
+    if "sanitize_control_tokens" not in inspect.signature(hf_tok.apply_chat_template).parameters:
+        return  # an older transformers: no way to keep them plain there
     tricky = [{"role": "user", "content": SPECIAL_LOOKING}]
     sanitized = hf_tok.apply_chat_template(tricky, add_generation_prompt=True,
                                            sanitize_control_tokens=True)["input_ids"]

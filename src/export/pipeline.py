@@ -55,6 +55,14 @@ class ExportResult:
         return "\n".join(lines)
 
 
+def require(package: str, purpose: str) -> None:
+    """A UserError naming the missing package, instead of an ImportError's traceback."""
+    import importlib.util
+
+    if importlib.util.find_spec(package) is None:
+        raise UserError(f"{purpose} needs the {package} package: pip install {package}")
+
+
 def check_out(out: Path, force: bool) -> None:
     """``--out`` may be missing or an empty folder; a non-empty folder needs ``force``."""
     if out.exists() and not out.is_dir():
@@ -100,6 +108,10 @@ def export_run(run: Path | None, out: Path, fmt: str = "hf", dtype: str = "float
     torch_dtype, gguf_type = DTYPES[dtype]
     if torch_dtype is None and fmt != "gguf":
         raise UserError(f"--dtype {dtype} is a GGUF type; use it with --format gguf")
+    if fmt != "gguf":
+        require("transformers", "--format hf")
+    if fmt != "hf":
+        require("gguf", "--format gguf")
     check_out(out, force)
     start = time.perf_counter()
     model, tok, info = load_model(pick_checkpoint(run, checkpoint))
@@ -151,6 +163,7 @@ def import_hf(folder: Path, out: Path, force: bool = False) -> ExportResult:
     can represent) into a run folder ``out`` that chat.py, evaluate.py and load_model accept."""
     if not folder.is_dir():
         raise UserError(f"--from-hf {folder}: no such folder")
+    require("transformers", "--from-hf")
     check_out(out, force)
     start = time.perf_counter()
     model, tok, provenance = read_hf_folder(folder)
