@@ -119,6 +119,17 @@ def test_non_empty_out_needs_force(run_dir, tmp_path, capsys):
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
 
 
+def test_out_may_not_replace_the_run(run_dir, tmp_path, capsys):
+    run, _ = copy_run(run_dir, tmp_path)
+    before = sorted(p.relative_to(run) for p in run.rglob("*"))
+    main = export_cli().main
+    for out in (run, tmp_path):
+        with pytest.raises(SystemExit) as exc:
+            run_cli(lambda out=out: main(["--run", str(run), "--out", str(out), "--force"]))
+        assert exc.value.code == 2 and "would replace" in capsys.readouterr().err
+    assert sorted(p.relative_to(run) for p in run.rglob("*")) == before
+
+
 def hf_copy(hf_dir: Path, tmp_path: Path, **config_changes) -> Path:
     folder = tmp_path / "hf"
     shutil.copytree(hf_dir, folder)

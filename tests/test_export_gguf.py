@@ -4,6 +4,8 @@ and our tokenizer (same ids, same chat prompt), without any of our code."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -67,6 +69,30 @@ def test_transformers_reads_our_gguf(run_dir, ours, tmp_path, dtype, gtype):
         assert hf_tok(text)["input_ids"] == tok.encode(text), text[:40]
     ids = hf_tok.apply_chat_template(CHAT, add_generation_prompt=True)["input_ids"]
     assert ids == chat_prompt(tok, CHAT, add_generation_prompt=True, end=False)
+
+
+def test_untied_multi_head_model(ours, tmp_path):
+    """A separate output head (GGUF "output.weight") and as many key/value heads as heads."""
+    from src.checkpoint import save_model_checkpoint
+    from src.model.gpt import GPT
+
+    model, tok, _ = ours
+    torch.manual_seed(0)
+    config = replace(model.config, n_kv_head=model.config.n_head, tie_embeddings=False)
+    untied = GPT(config).eval()
+    run = tmp_path / "run"
+    run.mkdir()
+    tok.save(run / "tokenizer.json")
+    save_model_checkpoint(run, 1, untied.state_dict(),
+                          {"model_config": config.to_dict(), "tokenizer_hash": tok.hash})
+    export_run(run, tmp_path / "out", fmt="both")
+    idx = torch.tensor([tok.encode("The cat sees the ball.")])
+    with torch.no_grad():
+        ref = untied(idx)
+        for kwargs in ({}, {"gguf_file": "model-f32.gguf"}):
+            hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", **kwargs)
+            assert not hf.config.tie_word_embeddings
+            assert (hf.eval()(idx).logits - ref).abs().max().item() <= 1e-4, kwargs
 
 
 def test_tokenizer_metadata(run_dir, ours, tmp_path):

@@ -20,6 +20,7 @@ from src.checkpoint import (
     latest_checkpoint,
     load_model,
     newest_run,
+    run_dir_of,
 )
 from src.export.gguf_file import write_gguf
 from src.export.hf import read_hf_folder, write_hf_folder, write_run
@@ -63,18 +64,22 @@ def require(package: str, purpose: str) -> None:
         raise UserError(f"{purpose} needs the {package} package: pip install {package}")
 
 
-def check_out(out: Path, force: bool) -> None:
-    """``--out`` may be missing or an empty folder; a non-empty folder needs ``force``."""
+def check_out(out: Path, force: bool, source: Path) -> None:
+    """``--out`` may be missing or an empty folder; a non-empty folder needs ``force``, and
+    it may never be (or contain) the ``source`` being read: replacing it would destroy it."""
+    if out.resolve() == source.resolve() or out.resolve() in source.resolve().parents:
+        raise UserError(f"--out {out} would replace {source}, which is being exported; "
+                        "choose another folder")
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file; give a folder")
     if out.is_dir() and any(out.iterdir()) and not force:
         raise UserError(f"--out {out} is not empty; add --force to replace it")
 
 
-def pick_checkpoint(run: Path | None, which: str) -> Path:
+def pick_checkpoint(run: Path | None, which: str) -> tuple[Path, str | None]:
     """The checkpoint folder of ``run`` (None: the newest run under runs/) that ``which``
-    names: "best" (else the latest, when no evaluation chose one), "latest", or a step.
-    ``run`` may also be a checkpoint folder itself."""
+    names: "best" (else the latest, when no evaluation chose one), "latest", or a step;
+    and a note when "best" had to fall back. ``run`` may also be a checkpoint folder."""
     if run is None:
         run = newest_run(Path("runs"))
         if run is None:
@@ -82,9 +87,13 @@ def pick_checkpoint(run: Path | None, which: str) -> Path:
     if not run.is_dir():
         raise UserError(f"--run {run}: no such folder")
     if is_complete(run):  # a checkpoint folder itself
-        return run
+        return run, None
+    note = None
     if which == "best":
-        ckpt = best_checkpoint(run) or latest_checkpoint(run)
+        ckpt = best_checkpoint(run)
+        if ckpt is None:
+            ckpt = latest_checkpoint(run)
+            note = "the run has no best checkpoint (no evaluation yet): exported the latest"
     elif which == "latest":
         ckpt = latest_checkpoint(run)
     elif which.isdigit():
@@ -95,7 +104,7 @@ def pick_checkpoint(run: Path | None, which: str) -> Path:
         raise UserError(f"--checkpoint {which!r}: expected best, latest or a step number")
     if ckpt is None:
         raise UserError(f"no complete checkpoint in {run}; {TRAIN_HINT}")
-    return ckpt
+    return ckpt, note
 
 
 def export_run(run: Path | None, out: Path, fmt: str = "hf", dtype: str = "float32",
@@ -112,9 +121,10 @@ def export_run(run: Path | None, out: Path, fmt: str = "hf", dtype: str = "float
         require("transformers", "--format hf")
     if fmt != "hf":
         require("gguf", "--format gguf")
-    check_out(out, force)
     start = time.perf_counter()
-    model, tok, info = load_model(pick_checkpoint(run, checkpoint))
+    ckpt, note = pick_checkpoint(run, checkpoint)
+    check_out(out, force, run_dir_of(ckpt))
+    model, tok, info = load_model(ckpt)
     provenance = {
         "run": Path(info["run_dir"]).name,
         "checkpoint": Path(info["checkpoint"]).name,
@@ -125,7 +135,7 @@ def export_run(run: Path | None, out: Path, fmt: str = "hf", dtype: str = "float
         "train_config": info["train_config"],
         "data_meta": info["data_meta"],
     }
-    result = ExportResult(out)
+    result = ExportResult(out, notes=[note] if note else [])
     gguf_name = f"model-{gguf_type}.gguf" if fmt in ("gguf", "both") else None
     with atomic_folder(out) as tmp:
         names: list[str] = []
@@ -164,7 +174,7 @@ def import_hf(folder: Path, out: Path, force: bool = False) -> ExportResult:
     if not folder.is_dir():
         raise UserError(f"--from-hf {folder}: no such folder")
     require("transformers", "--from-hf")
-    check_out(out, force)
+    check_out(out, force, folder)
     start = time.perf_counter()
     model, tok, provenance = read_hf_folder(folder)
     result = ExportResult(out)
