@@ -179,13 +179,12 @@ def import_hf(folder: Path, out: Path, force: bool = False) -> ExportResult:
     model, tok, provenance = read_hf_folder(folder)
     result = ExportResult(out)
     with atomic_folder(out) as tmp:
-        ckpt = write_run(tmp, model, tok, provenance, str(folder))
+        write_run(tmp, model, tok, provenance, str(folder))
         paths = [p for p in tmp.rglob("*") if p.is_file()]
         result.files = [(str(p.relative_to(tmp)), p.stat().st_size) for p in sorted(paths)]
-        ckpt_name = ckpt.name
     result.seconds = time.perf_counter() - start
     if not provenance:
         result.notes.append("no gpt_model_run.json: step 0, no training data recorded")
-    result.snippet = (f"python chat.py --run {out}   (or: from src.checkpoint import load_model; "
-                      f"load_model({str(out / CHECKPOINTS / ckpt_name)!r}))")
+    result.snippet = (f"python chat.py --run {out}   or, in Python: from src.checkpoint import "
+                      f"load_model; model, tokenizer, info = load_model({str(out)!r})")
     return result

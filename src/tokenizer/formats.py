@@ -51,6 +51,12 @@ def byte_to_unicode() -> dict[int, str]:
     return mapping
 
 
+def _added_token(content: str) -> dict[str, Any]:
+    """A special token as Hugging Face describes it: matched whole, never normalised."""
+    return {"content": content, "single_word": False, "lstrip": False, "rstrip": False,
+            "normalized": False, "special": True}
+
+
 def hf_tokenizer_json(tok: BPETokenizer) -> dict[str, Any]:
     """The Hugging Face ``tokenizer.json`` content of ``tok`` (a dict)."""
     require_distinct_tokens(tok.vocab, "a tokenizer.json vocabulary")
@@ -61,10 +67,7 @@ def hf_tokenizer_json(tok: BPETokenizer) -> dict[str, Any]:
 
     vocab = {show(t): i for i, t in enumerate(tok.vocab)}
     merges = [[show(tok.vocab[a]), show(tok.vocab[b])] for a, b in tok.merges]
-    added = [
-        {"id": i, "content": s, "single_word": False, "lstrip": False, "rstrip": False, "normalized": False, "special": True}
-        for s, i in tok.special_tokens.items()
-    ]
+    added = [{"id": i, **_added_token(s)} for s, i in tok.special_tokens.items()]
     return {
         "version": "1.0",
         "truncation": None,
@@ -223,11 +226,6 @@ def jinja_chat_template(special_tokens: Mapping[str, int]) -> str:
         "{%- else -%}{{- " + json.dumps(ENDOFTEXT) + " -}}{%- endif -%}",
     ]
     return "\n".join(lines)
-
-
-def _added_token(content: str) -> dict[str, Any]:
-    return {"content": content, "single_word": False, "lstrip": False, "rstrip": False,
-            "normalized": False, "special": True}
 
 
 def special_tokens_map(tok: BPETokenizer) -> dict[str, Any]:
