@@ -134,3 +134,33 @@ def test_q8_0_falls_back_to_f16_for_short_rows(tmp_path):
     types = {t.name: t.tensor_type.name for t in reader.tensors}
     assert types["blk.0.attn_q.weight"] == "F16"
     assert types["blk.0.ffn_down.weight"] == "Q8_0"  # rows of d_ff=128 values
+
+
+def test_tokenizers_with_a_real_vocabulary(tmp_path):
+    """With 496 merges learned from WikiText-2 (not the fixture's synthetic English), both
+    exported tokenizers, the folder's and the GGUF's, still give exactly our ids."""
+    from src.checkpoint import save_model_checkpoint
+    from src.model.gpt import GPT
+    from src.tokenizer.bpe import BPETokenizer
+    from src.training.presets import model_config
+    from tests.test_export import VALID
+
+    train = VALID.parent / "wiki.train.tokens"
+    if not train.is_file():
+        pytest.skip(f"shared data not found: {train}")
+    tok = BPETokenizer.train([train.read_text(encoding="utf-8")[:50_000]], 768)
+    config = model_config("tiny", vocab_size=tok.vocab_size, d_model=64, d_ff=128)
+    run = tmp_path / "run"
+    run.mkdir()
+    tok.save(run / "tokenizer.json")
+    save_model_checkpoint(run, 1, GPT(config).state_dict(),
+                          {"model_config": config.to_dict(), "tokenizer_hash": tok.hash})
+    export_run(run, tmp_path / "out", fmt="both", dtype="float16")
+    readers = [transformers.AutoTokenizer.from_pretrained(tmp_path / "out"),
+               transformers.AutoTokenizer.from_pretrained(tmp_path / "out",
+                                                          gguf_file="model-f16.gguf")]
+    for text in corpus():
+        ids = tok.encode(text)
+        assert len(ids) < len(text.encode("utf-8")) or len(text) < 100  # merges do apply
+        for reader in readers:
+            assert reader(text)["input_ids"] == ids, text[:40]
