@@ -91,6 +91,10 @@ def test_folder_holds_the_model_the_tokenizer_and_a_card(hf_dir, ours):
     card = (hf_dir / "README.md").read_text()
     assert f"step {info['step']:,}" in card and "val_loss" in card
     assert "license:" in card and "Licence of the data" in card
+    # The card's own usage code runs as written.
+    code = card.split("```python\n", 1)[1].split("```", 1)[0]
+    torch.manual_seed(0)
+    exec(code.replace("PATH", str(hf_dir)), {"print": lambda *a: None})
 
 
 def test_autotokenizer_gives_our_ids(hf_tok, ours):
@@ -253,3 +257,18 @@ def test_export_room_never_imports_training():
             names = ([a.name for a in node.names] if isinstance(node, ast.Import)
                      else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
             assert not any(n.startswith("src.training") for n in names), path.name
+
+
+@pytest.mark.parametrize("mix,licence", [
+    ({"wikitext": 1.0, "dailydialog": 2.0}, "cc-by-nc-sa-4.0"),
+    ({"wikitext": 1.0, "dailydialog": 0.0}, "cc-by-sa-3.0"),  # DailyDialog left out of training
+])
+def test_model_card_licence_follows_the_training_data(ours, hf_dir, mix, licence):
+    from src.export.model_card import model_card
+
+    model, _, info = ours
+    meta = {"sources": {name: {} for name in mix}, "mix": mix}
+    card = model_card(model, {**info, "data_meta": meta}, ["config.json"], None)
+    assert f"license: {licence}" in card
+    assert ("non-commercial" in card) == (mix["dailydialog"] > 0)
+    assert "CC BY-SA 3.0" in card

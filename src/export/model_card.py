@@ -116,13 +116,16 @@ def model_card(model: GPT, info: dict[str, Any], files: list[str], gguf_name: st
         "",
         "## Use",
         "",
+        "With PATH this folder:",
+        "",
         "```python",
         "from transformers import AutoModelForCausalLM, AutoTokenizer",
         'model = AutoModelForCausalLM.from_pretrained("PATH")',
         'tok = AutoTokenizer.from_pretrained("PATH")',
         'ids = tok.apply_chat_template([{"role": "user", "content": "Hi!"}], '
-        "add_generation_prompt=True, return_tensors=\"pt\")",
-        "print(tok.decode(model.generate(ids)[0, ids.shape[1]:], skip_special_tokens=True))",
+        'add_generation_prompt=True, return_tensors="pt")',
+        "reply = model.generate(**ids)[0, ids[\"input_ids\"].shape[1]:]",
+        "print(tok.decode(reply, skip_special_tokens=True))",
         "```",
     ]
     if gguf_name:
