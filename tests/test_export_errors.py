@@ -67,6 +67,11 @@ def test_run_without_checkpoint(tmp_path, capsys):
           "no complete checkpoint", tmp_path / "o")
 
 
+def test_no_runs_at_all(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no runs/ here: the default --run finds nothing
+    fails(["--out", str(tmp_path / "o")], capsys, "no trained run found", tmp_path / "o")
+
+
 def test_missing_run_and_unknown_step(run_dir, tmp_path, capsys):
     fails(["--run", str(tmp_path / "nope"), "--out", str(tmp_path / "o")], capsys,
           "no such folder", tmp_path / "o")
