@@ -239,6 +239,20 @@ def test_round_trip_is_bit_identical_and_usable(hf_dir, run_dir, ours, tmp_path)
     assert losses[1] < losses[0]
 
 
+def test_a_folder_saved_by_transformers_converts_back(hf_model, hf_tok, tmp_path):
+    """Fine-tuned in transformers and saved by it (its own serialisation of config, weights
+    and tokenizer): --from-hf gives a run computing the same logits."""
+    folder = tmp_path / "saved"
+    hf_model.save_pretrained(folder)
+    hf_tok.save_pretrained(folder)
+    import_hf(folder, tmp_path / "run")
+    model, tok, info = load_model(tmp_path / "run")
+    assert info["step"] == 0 and info["data_meta"] is None  # no gpt_model_run.json there
+    idx = torch.tensor([tok.encode("The cat sees the ball.")])
+    with torch.no_grad():
+        assert torch.equal(model(idx), hf_model(idx).logits)
+
+
 def test_force_replaces_and_nothing_is_left_beside(run_dir, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
