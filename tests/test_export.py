@@ -253,6 +253,47 @@ def test_a_folder_saved_by_transformers_converts_back(hf_model, hf_tok, tmp_path
         assert torch.equal(model(idx), hf_model(idx).logits)
 
 
+def test_another_llama_with_its_own_byte_level_bpe(tmp_path):
+    """A Llama made elsewhere: a GPT-2-style tokenizer (HF tokenizers' trainer: special token
+    first, bytes in its own order) and random weights. --from-hf renumbers the tokens into our
+    layout and reorders the embedding rows, so the run predicts exactly what the original did."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from src.tokenizer.formats import byte_to_unicode
+    from tests.fixtures import tiny_corpus
+
+    folder = tmp_path / "other"
+    folder.mkdir()
+    hf_tok = Tokenizer(models.BPE())
+    hf_tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    hf_tok.decoder = decoders.ByteLevel()
+    hf_tok.train_from_iterator(tiny_corpus(200, 3), trainers.BpeTrainer(
+        vocab_size=400, special_tokens=["</s>"], show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    hf_tok.save(str(folder / "tokenizer.json"))
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=hf_tok.get_vocab_size(), hidden_size=64, intermediate_size=128,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        max_position_embeddings=64, tie_word_embeddings=False, eos_token_id=0)
+    other = transformers.LlamaForCausalLM(config).eval()
+    other.save_pretrained(folder)
+
+    result = import_hf(folder, tmp_path / "run")
+    assert "<|user|>" in result.notes[0]  # our role tokens are new to it
+    model, tok, _ = load_model(tmp_path / "run")
+    b2u = byte_to_unicode()
+    theirs_of = [hf_tok.token_to_id("".join(b2u[b] for b in t)) for t in tok.vocab]
+    text = "The old man reads a long letter in the park. Café!"
+    ids = tok.encode(text)
+    assert [theirs_of[i] for i in ids] == hf_tok.encode(text).ids  # the same tokens
+    with torch.no_grad():
+        mine = model(torch.tensor([[tok.eot_id, *ids]]))
+        ref = other(torch.tensor([[0, *hf_tok.encode(text).ids]])).logits
+    torch.testing.assert_close(mine[..., : len(tok.vocab)], ref[..., theirs_of], rtol=1e-5,
+                               atol=1e-5)
+
+
 def test_force_replaces_and_nothing_is_left_beside(run_dir, tmp_path):
     out = tmp_path / "out"
     out.mkdir()

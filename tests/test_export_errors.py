@@ -163,14 +163,34 @@ def test_from_hf_unsupported_shape(hf_dir, tmp_path, capsys, change, match):
           tmp_path / "r")
 
 
-def test_from_hf_foreign_tokenizer_and_missing_weights(hf_dir, tmp_path, capsys):
+def reverse_merges(data):
+    data["model"]["merges"] = data["model"]["merges"][::-1]  # a merge of tokens not made yet
+
+
+def unigram(data):
+    data["model"]["type"] = "Unigram"
+
+
+def lowercase(data):
+    data["normalizer"] = {"type": "Lowercase"}
+
+
+@pytest.mark.parametrize("damage,match", [
+    (reverse_merges, "does not make a new token"),
+    (unigram, "is not BPE"),
+    (lowercase, "normalizer"),
+])
+def test_from_hf_tokenizer_we_cannot_express(hf_dir, tmp_path, capsys, damage, match):
     folder = hf_copy(hf_dir, tmp_path)
     data = json.loads((folder / "tokenizer.json").read_text())
-    data["model"]["merges"] = data["model"]["merges"][::-1]  # not our merge order
+    damage(data)
     (folder / "tokenizer.json").write_text(json.dumps(data))
-    fails(["--from-hf", str(folder), "--out", str(tmp_path / "r")], capsys,
-          "only this project's byte-level BPE", tmp_path / "r")
-    shutil.copy(hf_dir / "tokenizer.json", folder / "tokenizer.json")
+    fails(["--from-hf", str(folder), "--out", str(tmp_path / "r")], capsys, match,
+          tmp_path / "r")
+
+
+def test_from_hf_missing_weights(hf_dir, tmp_path, capsys):
+    folder = hf_copy(hf_dir, tmp_path)
     (folder / "model.safetensors").unlink()
     fails(["--from-hf", str(folder), "--out", str(tmp_path / "r")], capsys,
           "no model.safetensors", tmp_path / "r")

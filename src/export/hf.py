@@ -16,6 +16,7 @@ room's; this module only puts them together.
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -32,9 +33,9 @@ from src.model.hf_llama import (
     to_hf_config,
     to_hf_state_dict,
 )
-from src.tokenizer.bpe import BPETokenizer
+from src.tokenizer.bpe import BPETokenizer, TokenizerFileError
 from src.tokenizer.chat_template import reply_stop_ids
-from src.tokenizer.formats import from_hf_tokenizer_json, save_hf_folder
+from src.tokenizer.formats import from_hf_tokenizer_json, renumbered_hf_tokenizer, save_hf_folder
 from src.utils.atomic import write_json_atomic
 from src.utils.cli import UserError
 
@@ -124,10 +125,22 @@ def _read_hf_weights(folder: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def read_hf_folder(folder: Path) -> tuple[GPT, BPETokenizer, dict[str, Any]]:
-    """A transformers Llama folder -> (GPT in fp32, BPETokenizer, provenance or {}).
+def _reorder_rows(weight: torch.Tensor, source_ids: list[int | None]) -> torch.Tensor:
+    """Row ``i`` of the result is row ``source_ids[i]`` of ``weight``; a new row (None) is the
+    mean of all rows: an average token, until fine-tuning teaches it."""
+    mean = weight.float().mean(dim=0).to(weight.dtype)
+    return torch.stack([weight[i] if i is not None else mean for i in source_ids])
+
+
+def read_hf_folder(folder: Path) -> tuple[GPT, BPETokenizer, dict[str, Any], list[str]]:
+    """A transformers Llama folder -> (GPT in fp32, BPETokenizer, provenance or {}, notes).
+
+    A tokenizer of our layout keeps its ids (an export of ours converts back bit for bit).
+    Another model's byte-level BPE is renumbered into our layout, with our special tokens:
+    the embedding and output rows are reordered to match, rows for tokens it lacks start as
+    the mean row, and its other added tokens are dropped (said in the notes).
     UserError, naming the file, for another architecture, a shape the model cannot represent,
-    a tokenizer that is not this project's layout, or missing/damaged weights."""
+    a tokenizer that cannot be expressed in our format, or missing/damaged weights."""
     from transformers import LlamaConfig
 
     raw = _read_json(folder / "config.json")
@@ -140,11 +153,31 @@ def read_hf_folder(folder: Path) -> tuple[GPT, BPETokenizer, dict[str, Any]]:
         config = from_hf_config(LlamaConfig.from_dict(raw))
     except (ValueError, TypeError) as exc:
         raise UserError(f"{folder / 'config.json'}: unsupported model shape: {exc}") from None
-    tok = from_hf_tokenizer_json(_read_json(folder / "tokenizer.json"), str(folder / "tokenizer.json"))
-    if config.vocab_size < len(tok.vocab) + len(tok.special_tokens):
+    tok_path = folder / "tokenizer.json"
+    tok_data = _read_json(tok_path)
+    notes: list[str] = []
+    source_ids = None
+    try:
+        tok = from_hf_tokenizer_json(tok_data, str(tok_path))
+    except TokenizerFileError:
+        eos = raw.get("eos_token_id")
+        tok, source_ids = renumbered_hf_tokenizer(
+            tok_data, eos[0] if isinstance(eos, list) else eos, str(tok_path))
+        new = [s for s, i in tok.special_tokens.items() if source_ids[i] is None]
+        notes.append(f"{tok_path} renumbered into this project's layout; its model lacks "
+                     f"{', '.join(new) or 'none'} of our special tokens (they start as the mean "
+                     "embedding: fine-tune before chatting)")
+    known = [i for i in (source_ids or []) if i is not None]
+    if max(known, default=-1) >= config.vocab_size or (
+            source_ids is None and config.vocab_size < len(tok.vocab) + len(tok.special_tokens)):
         raise UserError(f"{folder / 'config.json'}: vocab_size {config.vocab_size} is smaller "
-                        f"than the tokenizer's {len(tok.vocab) + len(tok.special_tokens)} tokens")
+                        f"than the tokenizer in {tok_path}")
     hf_sd = _read_hf_weights(folder)
+    if source_ids is not None:
+        config = replace(config, vocab_size=tok.vocab_size)
+        for name in ("model.embed_tokens.weight", "lm_head.weight"):
+            if name in hf_sd:
+                hf_sd[name] = _reorder_rows(hf_sd[name], source_ids)
     model = GPT(config)
     try:
         state = from_hf_state_dict(hf_sd, config)
@@ -157,7 +190,7 @@ def read_hf_folder(folder: Path) -> tuple[GPT, BPETokenizer, dict[str, Any]]:
         provenance = _read_json(folder / PROVENANCE_FILE)
         if provenance.get("tokenizer_hash") != tok.hash:
             provenance = {}  # describes another tokenizer: the folder was edited since
-    return model.eval(), tok, provenance
+    return model.eval(), tok, provenance, notes
 
 
 def write_run(folder: Path, model: GPT, tok: BPETokenizer, provenance: dict[str, Any],

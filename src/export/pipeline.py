@@ -176,8 +176,8 @@ def import_hf(folder: Path, out: Path, force: bool = False) -> ExportResult:
     require("transformers", "--from-hf")
     check_out(out, force, folder)
     start = time.perf_counter()
-    model, tok, provenance = read_hf_folder(folder)
-    result = ExportResult(out)
+    model, tok, provenance, notes = read_hf_folder(folder)
+    result = ExportResult(out, notes=notes)
     with atomic_folder(out) as tmp:
         write_run(tmp, model, tok, provenance, str(folder))
         paths = [p for p in tmp.rglob("*") if p.is_file()]

@@ -141,50 +141,113 @@ def load_tiktoken(path: str | os.PathLike):
 
 
 # ----------------------------------------------------------------------------------------------
-# Reading a tokenizer.json of ours back (e.g. from an exported Hugging Face folder).
+# Reading a Hugging Face tokenizer.json back: ours (exported above), or another model's
+# byte-level BPE, whose ids are then renumbered into our layout.
+
+# GPT-2's split regex: what a ByteLevel pre-tokenizer with use_regex=True applies.
+GPT2_SPLIT_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+
+
+def _parse_byte_level_bpe(data: dict[str, Any], source: str):
+    """(vocab, merge pairs, split pattern, added tokens sorted by id) of a byte-level BPE
+    tokenizer.json whose encoding our BPE reproduces; TokenizerFileError otherwise."""
+    def bad(why: str) -> TokenizerFileError:
+        return TokenizerFileError(f"{source}: {why}; only byte-level BPE tokenizers convert")
+
+    try:
+        model, pre = data["model"], data["pre_tokenizer"] or {}
+        if model.get("type") != "BPE":
+            raise bad(f"tokenizer model {model.get('type')!r} is not BPE")
+        for option in ("dropout", "continuing_subword_prefix", "end_of_word_suffix"):
+            if model.get(option):
+                raise bad(f"BPE option {option} is set")
+        if model.get("byte_fallback") or model.get("ignore_merges"):
+            raise bad("byte_fallback / ignore_merges change how BPE encodes")
+        if data.get("normalizer"):
+            raise bad("a normalizer changes the text before encoding")
+        steps = pre["pretokenizers"] if pre.get("type") == "Sequence" else [pre]
+        splits = [p for p in steps if p.get("type") == "Split"]
+        levels = [p for p in steps if p.get("type") == "ByteLevel"]
+        if len(levels) != 1 or levels[0].get("add_prefix_space") or len(steps) != len(splits) + 1:
+            raise bad("the pre-tokenizer is not ByteLevel (optionally after one Split)")
+        if len(splits) == 1 and not levels[0].get("use_regex", True):
+            split = splits[0]
+            if split.get("behavior") != "Isolated" or split.get("invert"):
+                raise bad("the Split pre-tokenizer does not isolate its matches")
+            pattern = split["pattern"]["Regex"]
+        elif not splits and levels[0].get("use_regex", True):
+            pattern = GPT2_SPLIT_PATTERN
+        else:
+            raise bad("the pre-tokenizer does not split by exactly one regex")
+        vocab: dict[str, int] = model["vocab"]
+        pairs = [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in model["merges"]]
+        added = sorted(data.get("added_tokens") or [], key=lambda t: t["id"])
+    except (KeyError, TypeError, AttributeError, ValueError) as exc:
+        if isinstance(exc, TokenizerFileError):
+            raise
+        raise bad(f"missing or malformed field {exc}") from None
+    return vocab, pairs, pattern, added, bad
 
 
 def from_hf_tokenizer_json(data: dict[str, Any], source: str = "tokenizer.json") -> BPETokenizer:
-    """The BPETokenizer a :func:`hf_tokenizer_json` dict describes. Only our layout can be read
-    back (ids 0-255 the bytes in order, merge ``i`` the id ``256 + i``, the special tokens
-    next, split by one regex); anything else is a TokenizerFileError naming ``source``."""
-    def bad(why: str) -> TokenizerFileError:
-        return TokenizerFileError(f"{source}: {why}; only this project's byte-level BPE "
-                                  "layout can be converted")
-
-    try:
-        model, pre = data["model"], data["pre_tokenizer"]
-        if model.get("type") != "BPE":
-            raise bad(f"tokenizer model {model.get('type')!r} is not BPE")
-        vocab: dict[str, int] = model["vocab"]
-        raw_merges = model["merges"]
-        steps = pre["pretokenizers"] if pre.get("type") == "Sequence" else [pre]
-        patterns = [p["pattern"]["Regex"] for p in steps if p.get("type") == "Split"]
-        if len(patterns) != 1 or not any(p.get("type") == "ByteLevel" for p in steps):
-            raise bad("the pre-tokenizer is not one Split regex followed by ByteLevel")
-        added = sorted(data.get("added_tokens") or [], key=lambda t: t["id"])
-    except (KeyError, TypeError, AttributeError) as exc:
-        raise bad(f"missing or malformed field {exc}") from None
-    u2b = {u: b for b, u in byte_to_unicode().items()}
+    """The BPETokenizer a :func:`hf_tokenizer_json` dict describes: our layout (ids 0-255 the
+    bytes in order, merge ``i`` the id ``256 + i``, the special tokens next), read back with
+    the same ids. Anything else is a TokenizerFileError naming ``source``."""
+    vocab, pairs, pattern, added, bad = _parse_byte_level_bpe(data, source)
     if any(vocab.get(u) != b for b, u in byte_to_unicode().items()):
-        raise bad("ids 0-255 are not the 256 bytes in order")
+        raise bad("ids 0-255 are not the 256 bytes in order (not this project's layout)")
     merges = []
-    for i, pair in enumerate(raw_merges):
-        a, b = pair.split(" ", 1) if isinstance(pair, str) else pair
+    for i, (a, b) in enumerate(pairs):
         if a not in vocab or b not in vocab or vocab.get(a + b) != 256 + i:
-            raise bad(f"merge {i} ({a!r}, {b!r}) does not produce id {256 + i}")
+            raise bad(f"merge {i} ({a!r}, {b!r}) does not produce id {256 + i} "
+                      "(not this project's layout)")
         merges.append((vocab[a], vocab[b]))
     if len(vocab) != 256 + len(merges):
-        raise bad(f"{len(vocab)} tokens for {len(merges)} merges (expected 256 + merges)")
-    if not all(set(t) <= set(u2b) for t in vocab):
-        raise bad("a token is not written in the byte-level alphabet")
-    specials = [t["content"] for t in added]
+        raise bad(f"{len(vocab)} tokens for {len(merges)} merges (not this project's layout)")
     if [t["id"] for t in added] != list(range(len(vocab), len(vocab) + len(added))):
         raise bad("the special tokens do not directly follow the merged tokens")
     try:
-        return BPETokenizer(merges, pattern=patterns[0], special_tokens=specials)
+        return BPETokenizer(merges, pattern=pattern, special_tokens=[t["content"] for t in added])
     except ValueError as exc:
         raise bad(str(exc)) from None
+
+
+def renumbered_hf_tokenizer(
+    data: dict[str, Any], eos_id: int | None, source: str = "tokenizer.json"
+) -> tuple[BPETokenizer, list[int | None]]:
+    """Another model's byte-level BPE as a BPETokenizer of our layout, with our special tokens.
+
+    Returns the tokenizer and, for each of its ids, the id of the same token in ``data``
+    (None for a new one: a special token of ours it lacks, a reserved id), so a model's
+    embedding rows can be reordered to match. The end-of-text token of ``data`` (``eos_id``)
+    becomes our ``<|endoftext|>``; its other added tokens are dropped. TokenizerFileError if
+    a merge makes a token twice or a token no merge makes is not an added token.
+    """
+    vocab, pairs, pattern, added, bad = _parse_byte_level_bpe(data, source)
+    ours: dict[str, int] = {}
+    for b, u in byte_to_unicode().items():
+        if u not in vocab:
+            raise bad(f"the byte {b} has no token")
+        ours[u] = b
+    merges = []
+    for i, (a, b) in enumerate(pairs):
+        if a not in ours or b not in ours or a + b not in vocab or a + b in ours:
+            raise bad(f"merge {i} ({a!r}, {b!r}) does not make a new token from earlier ones")
+        ours[a + b] = 256 + i
+        merges.append((ours[a], ours[b]))
+    added_ids = {t["id"] for t in added}
+    unreachable = [t for t, i in vocab.items() if t not in ours and i not in added_ids]
+    if unreachable:
+        raise bad(f"{len(unreachable)} tokens no merge makes, e.g. {unreachable[0]!r}")
+    try:
+        tok = BPETokenizer(merges, pattern=pattern)
+    except ValueError as exc:
+        raise bad(str(exc)) from None
+    source_ids: list[int | None] = [vocab[t] for t in sorted(ours, key=ours.__getitem__)]
+    source_ids += [None] * (tok.vocab_size - len(source_ids))
+    if eos_id is not None:
+        source_ids[tok.eot_id] = eos_id
+    return tok, source_ids
 
 
 # ----------------------------------------------------------------------------------------------
