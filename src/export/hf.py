@@ -9,6 +9,9 @@ The folder (loads with ``AutoModelForCausalLM`` / ``AutoTokenizer``, no ``trust_
     README.md                model card (src/export/model_card.py)
     gpt_model_run.json       where it came from (run, step, data meta), so --from-hf restores it
 
+Back (``--from-hf``): any Llama folder the model can hold, whose tokenizer is ours or another
+byte-level BPE (renumbered into our layout, see :func:`read_hf_folder`).
+
 Weight names are the model room's (src/model/hf_llama.py), tokenizer files the tokenizer
 room's; this module only puts them together.
 """

@@ -169,8 +169,9 @@ def export_run(run: Path | None, out: Path, fmt: str = "hf", dtype: str = "float
 
 
 def import_hf(folder: Path, out: Path, force: bool = False) -> ExportResult:
-    """Convert a Hugging Face Llama folder (ours, or any whose shape and tokenizer this project
-    can represent) into a run folder ``out`` that chat.py, evaluate.py and load_model accept."""
+    """Convert a Hugging Face Llama folder (ours, or another whose shape the model holds and
+    whose tokenizer is byte-level BPE) into a run folder ``out`` that chat.py, evaluate.py and
+    load_model accept."""
     if not folder.is_dir():
         raise UserError(f"--from-hf {folder}: no such folder")
     require("transformers", "--from-hf")
