@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from src.utils.atomic import atomic_open, atomic_path, write_json_atomic
+from src.utils.atomic import atomic_folder, atomic_open, atomic_path, write_json_atomic
 
 
 def test_write_json_atomic_roundtrip(tmp_path):
@@ -45,3 +45,19 @@ def test_files_get_ordinary_permissions(tmp_path):
 def test_atomic_open_rejects_read_mode(tmp_path):
     with pytest.raises(ValueError), atomic_open(tmp_path / "x", "rb"):
         pass
+
+
+def test_atomic_folder_appears_whole_or_not_at_all(tmp_path):
+    out = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt), atomic_folder(out) as tmp:
+        (tmp / "half.bin").write_bytes(b"x")
+        raise KeyboardInterrupt  # Ctrl-C mid-export
+    assert list(tmp_path.iterdir()) == []
+    with atomic_folder(out) as tmp:
+        (tmp / "a.txt").write_text("first")
+        assert not out.exists()
+    with atomic_folder(out) as tmp:  # replaces the folder in one rename
+        (tmp / "b.txt").write_text("second")
+        assert (out / "a.txt").is_file()
+    assert [p.name for p in out.iterdir()] == ["b.txt"]
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]

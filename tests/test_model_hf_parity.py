@@ -8,7 +8,7 @@ import torch
 
 pytest.importorskip("transformers")
 
-from src.model.gpt import GPT  # noqa: E402
+from src.model.gpt import GPT, GPTConfig  # noqa: E402
 from src.model.hf_llama import from_hf, to_hf, to_hf_config  # noqa: E402
 from src.training.presets import model_config  # noqa: E402
 
@@ -60,3 +60,19 @@ def test_llama_config_matches_shape():
     assert (hf_cfg.hidden_size, hf_cfg.num_hidden_layers, hf_cfg.num_attention_heads,
             hf_cfg.num_key_value_heads, hf_cfg.intermediate_size, hf_cfg.max_position_embeddings
             ) == (768, 8, 12, 4, 2048, 1024)
+
+
+def test_a_setting_llama_lacks_is_refused():
+    """A model option with no LlamaConfig counterpart must not export as a different model."""
+    from dataclasses import dataclass
+
+    from src.model.hf_llama import check_llama_representable
+
+    @dataclass
+    class WithQKNorm(GPTConfig):
+        qk_norm: bool = True
+
+    fields = model_config("tiny").to_dict()
+    check_llama_representable(GPTConfig(**fields))
+    with pytest.raises(ValueError, match="qk_norm"):
+        check_llama_representable(WithQKNorm(**fields))

@@ -50,7 +50,10 @@ def load_model(
     ckpt = resolve_checkpoint(path, verify=verify)
     run_dir = run_dir_of(ckpt)
     state = read_state(ckpt)
-    model = GPT(GPTConfig.from_dict(state["model_config"]))
+    try:
+        model = GPT(GPTConfig.from_dict(state["model_config"]))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise UserError(f"{ckpt / 'state.json'}: unusable model config: {exc}") from None
     try:
         model.load_state_dict(read_weights(ckpt), strict=True)
     except RuntimeError as exc:

@@ -7,6 +7,7 @@ lazily, so the rest of the project does not need it.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 import torch
@@ -41,7 +42,8 @@ def to_hf_config(config: GPTConfig) -> LlamaConfig:
 
 
 def from_hf_config(hf_config: LlamaConfig) -> GPTConfig:
-    """The GPTConfig of the same shape as a LlamaConfig (plain default RoPE only)."""
+    """The GPTConfig of the same shape as a LlamaConfig (plain default RoPE only). ValueError,
+    naming the setting, for a Llama this model cannot represent."""
     rope = getattr(hf_config, "rope_parameters", None) or {}
     rope_type = rope.get("rope_type", "default")
     if rope_type != "default":
@@ -55,7 +57,7 @@ def from_hf_config(hf_config: LlamaConfig) -> GPTConfig:
         raise ValueError(f"head_dim {head_dim} x {hf_config.num_attention_heads} heads != "
                          f"hidden_size {hf_config.hidden_size}")
     theta = rope.get("rope_theta", getattr(hf_config, "rope_theta", 10000.0))
-    return GPTConfig(
+    return GPTConfig(  # GPTConfig validates the rest (even head_dim, heads divisible, ...)
         vocab_size=hf_config.vocab_size,
         context_length=hf_config.max_position_embeddings,
         n_layer=hf_config.num_hidden_layers,
@@ -67,6 +69,16 @@ def from_hf_config(hf_config: LlamaConfig) -> GPTConfig:
         rope_base=float(theta),
         tie_embeddings=bool(hf_config.tie_word_embeddings),
     )
+
+
+def check_llama_representable(config: GPTConfig) -> None:
+    """ValueError unless a LlamaForCausalLM can hold a model of this shape exactly: the config
+    must survive the trip through LlamaConfig (dropout, a training setting, aside). A field
+    Llama has no counterpart for shows up here rather than as a silently different model."""
+    back = from_hf_config(to_hf_config(config)).to_dict()
+    differ = [k for k, v in replace(config, dropout=0.0).to_dict().items() if back.get(k) != v]
+    if differ:
+        raise ValueError(f"model setting(s) {differ} have no Llama equivalent")
 
 
 # Our parameter names -> Llama's; "{i}" is the layer index.
@@ -88,7 +100,7 @@ _LAYER_NAMES = {
 }
 
 
-def _name_pairs(config: GPTConfig) -> list[tuple[str, str]]:
+def name_pairs(config: GPTConfig) -> list[tuple[str, str]]:
     """(our name, Llama's name) for every weight of a model of this config."""
     pairs = list(_GLOBAL_NAMES.items())
     for i in range(config.n_layer):
@@ -101,12 +113,12 @@ def to_hf_state_dict(model: GPT) -> dict[str, torch.Tensor]:
     """Our weights under Llama's names (the same tensors, not copies). When tied, lm_head is
     the embedding itself, as in Llama."""
     sd = model.state_dict()
-    return {theirs: sd[ours] for ours, theirs in _name_pairs(model.config)}
+    return {theirs: sd[ours] for ours, theirs in name_pairs(model.config)}
 
 
 def from_hf_state_dict(hf_sd: dict[str, torch.Tensor], config: GPTConfig) -> dict[str, torch.Tensor]:
     """Llama-named weights -> a state dict for ``GPT(config)``."""
-    out = {ours: hf_sd[theirs] for ours, theirs in _name_pairs(config)
+    out = {ours: hf_sd[theirs] for ours, theirs in name_pairs(config)
            if theirs != "lm_head.weight"}
     # A tied Llama may or may not list lm_head.weight; either way it is the embedding.
     out["lm_head.weight"] = (out["tok_emb.weight"] if config.tie_embeddings

@@ -11,18 +11,23 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
 
+def _umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
 def _default_mode() -> int:
     """The permissions a plain ``open(path, "w")`` would give (mkstemp's are 0600): the one
     policy for every file this project writes, so a run copied to another user loads."""
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
+    return 0o666 & ~_umask()
 
 
 def _temp_beside(path: Path) -> tuple[int, Path]:
@@ -87,6 +92,32 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+
+
+@contextlib.contextmanager
+def atomic_folder(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield an empty temporary folder beside ``path``; when the block completes it replaces
+    ``path`` (a missing or existing folder) in one rename, so ``path`` is never seen half
+    written. If the block raises, the temporary folder is deleted and ``path`` is untouched.
+    Whether an existing ``path`` may be replaced is the caller's decision."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    os.chmod(tmp, 0o777 & ~_umask())  # a plain mkdir's permissions (mkdtemp's are 0700)
+    try:
+        yield tmp
+        fsync_dir(tmp)
+        if path.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
+            os.replace(path, old)  # an empty folder may be replaced by a rename
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
         raise
     fsync_dir(path.parent)
 
