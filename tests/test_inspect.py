@@ -260,6 +260,18 @@ def test_next_tokens_are_the_top_20_of_the_models_softmax(tok):
     assert not set(banned) & {t["id"] for t in maps.next_tokens}
 
 
+def test_rounded_weights_are_the_weights_rounded(tok):
+    model = make_model(tok)
+    full = torch.tensor(attention_maps(model, tok, TEXT).attention, dtype=torch.float64)
+    maps = attention_maps(model, tok, TEXT, decimals=3)
+    rounded = torch.tensor(maps.attention, dtype=torch.float64)
+    assert torch.equal(rounded, full.round(decimals=3))
+    assert not torch.equal(rounded, full)
+    T = rounded.size(-1)
+    assert torch.all((rounded.sum(-1) - 1).abs() <= T * 0.5e-3)
+    assert all(len(repr(v)) <= 5 for v in rounded.flatten().tolist())  # short JSON numbers
+
+
 def test_model_mode_is_restored(tok):
     model = make_model(tok).train()
     attention_maps(model, tok, TEXT)
@@ -281,7 +293,8 @@ def test_length_limits_and_bad_input_raise_one_line_errors(tok):
     for kwargs, word in [({}, "exactly one"), ({"text": "a", "messages": []}, "exactly one"),
                          ({"text": ""}, "empty"), ({"messages": []}, "empty"),
                          ({"text": "a", "max_tokens": 0}, "max_tokens"),
-                         ({"text": "a", "max_tokens": True}, "max_tokens")]:
+                         ({"text": "a", "max_tokens": True}, "max_tokens"),
+                         ({"text": "a", "decimals": 0}, "decimals")]:
         with pytest.raises(ValueError, match=word) as err:
             attention_maps(model, tok, **kwargs)
         assert "\n" not in str(err.value)

@@ -130,10 +130,14 @@ def prompt_ids(tokenizer, text: str | None = None,
 
 def attention_maps(model: torch.nn.Module, tokenizer, text: str | None = None,
                    messages: Sequence[Turn | Mapping[str, str]] | None = None, *,
-                   max_tokens: int = DEFAULT_MAX_TOKENS) -> AttentionMaps:
+                   max_tokens: int = DEFAULT_MAX_TOKENS,
+                   decimals: int | None = None) -> AttentionMaps:
     """The tokens of ``text`` (or of ``messages``; see ``prompt_ids``), every layer's
     attention weights over them and the next-token distribution after them (see
     ``AttentionMaps``), from one forward pass of ``model`` under ``record_attention``.
+
+    ``decimals`` rounds the weights (e.g. 4: their JSON text is about a third as long, and
+    each row then sums to 1 within T * 0.5e-4); None keeps them as computed (float32).
 
     Raises ValueError (one line, for a client's 400) when the prompt is empty or has more
     than ``max_tokens`` tokens or more than the model's context. The model runs in eval mode
@@ -141,6 +145,9 @@ def attention_maps(model: torch.nn.Module, tokenizer, text: str | None = None,
     """
     if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
         raise ValueError(f"max_tokens must be a whole number >= 1, got {max_tokens!r}")
+    if decimals is not None and (isinstance(decimals, bool) or not isinstance(decimals, int)
+                                 or decimals < 1):
+        raise ValueError(f"decimals must be a whole number >= 1 or None, got {decimals!r}")
     ids = prompt_ids(tokenizer, text, messages)
     limit = min(max_tokens, int(model.config.context_length))
     if len(ids) > limit:
@@ -159,9 +166,12 @@ def attention_maps(model: torch.nn.Module, tokenizer, text: str | None = None,
     next_tokens = _top(tokenizer, torch.log_softmax(last, dim=-1), TOP_NEXT_TOKENS)
     for entry in next_tokens:
         entry["prob"] = math.exp(entry["logprob"])
+    attention = torch.stack([w[0] for w in weights]).double().cpu()
+    if decimals is not None:
+        attention = attention.round(decimals=decimals)
     return AttentionMaps(
         tokens=[token_info(tokenizer, i) for i in ids],
-        attention=torch.stack([w[0] for w in weights]).float().cpu().tolist(),
+        attention=attention.tolist(),
         next_tokens=next_tokens,
     )
 
