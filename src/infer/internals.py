@@ -54,11 +54,10 @@ def token_piece(tokenizer, token_id: int) -> str:
 
 def token_info(tokenizer, token_id: int) -> dict:
     """``{"id", "text", "bytes", "special"}`` of one token (see ``token_piece``)."""
-    raw = tokenizer.token_bytes(token_id)
     return {
         "id": token_id,
-        "text": raw.decode("utf-8", errors="backslashreplace"),
-        "bytes": list(raw),
+        "text": token_piece(tokenizer, token_id),
+        "bytes": list(tokenizer.token_bytes(token_id)),
         "special": token_id in tokenizer.special_tokens.values(),
     }
 
