@@ -6,7 +6,8 @@ Read top to bottom:
   3. KVCache    - preallocated keys/values, so generating a token does not recompute the past;
      SlotKVCache - the same for many independent sequences of different lengths (serving).
   4. Attention, MLP, Block - the Transformer layer: pre-norm RMSNorm, causal grouped-query
-                  attention through scaled_dot_product_attention, SwiGLU feed-forward.
+                  attention through scaled_dot_product_attention, SwiGLU feed-forward;
+                  record_attention - the opt-in explicit path that keeps attention weights.
   5. GPT        - embeddings, the stack of blocks, the output head, the one init function,
                   the loss, parameter and FLOP counts.
 
@@ -20,6 +21,8 @@ then pays for concatenating gradients), and separate names read more clearly.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
 
 import torch
@@ -230,6 +233,9 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(config.d_model, config.n_kv_head * self.head_dim, bias=False)
         self.o_proj = nn.Linear(config.n_head * self.head_dim, config.d_model, bias=False)
         self.dropout = config.dropout
+        # A list only inside ``record_attention``: then attention is computed explicitly and
+        # its weights appended here. None otherwise, and the fused kernel runs.
+        self.recorded: list[torch.Tensor] | None = None
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layer: int,
                 cache: KVCache | SlotKVCache | None) -> torch.Tensor:
@@ -259,12 +265,55 @@ class Attention(nn.Module):
                     q_pos = torch.arange(start, start + T, device=x.device)
                     k_pos = torch.arange(start + T, device=x.device)
                     mask, is_causal = k_pos[None, :] <= q_pos[:, None], False
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=is_causal,
-            dropout_p=self.dropout if self.training else 0.0,
-            enable_gqa=self.n_kv_head != self.n_head)
+        if self.recorded is None:
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, is_causal=is_causal,
+                dropout_p=self.dropout if self.training else 0.0,
+                enable_gqa=self.n_kv_head != self.n_head)
+        else:
+            y = self.explicit_attention(q, k, v, mask, is_causal)
         y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)
         return self.o_proj(y)
+
+    def explicit_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                           mask: torch.Tensor | None, is_causal: bool) -> torch.Tensor:
+        """What scaled_dot_product_attention computes, written out so that the weights can be
+        kept: softmax(q k^T / sqrt(head_dim), masked) v. The weights, (B, n_head, queries,
+        keys) with zeros where the mask hides a key, are appended to ``self.recorded``."""
+        group = self.n_head // self.n_kv_head
+        # Grouped-query attention: query head h reads key/value head h // group (as SDPA's
+        # enable_gqa), so the weights are per query head.
+        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+        scores = (q @ k.transpose(-2, -1)) / math.sqrt(self.head_dim)
+        if is_causal:  # SDPA's is_causal: query i sees keys 0..i
+            mask = torch.ones(q.size(2), k.size(2), dtype=torch.bool, device=q.device).tril()
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        weights = scores.float().softmax(dim=-1).to(q.dtype)
+        self.recorded.append(weights)
+        return F.dropout(weights, self.dropout, self.training) @ v
+
+
+@contextmanager
+def record_attention(model: GPT) -> Iterator[list[torch.Tensor]]:
+    """Within this block, every forward pass of ``model`` computes attention explicitly (the
+    same projections, rotary embedding, mask and softmax as the fused kernel, only slower)
+    and appends each layer's weights, (B, n_head, queries, keys), to the list it yields, in
+    layer order: after one forward pass, ``weights[layer]``. Outside it the model runs the
+    fused kernel, untouched::
+
+        with record_attention(model) as weights:
+            logits = model(idx)
+    """
+    weights: list[torch.Tensor] = []
+    layers = [block.attn for block in model.blocks]
+    for attn in layers:
+        attn.recorded = weights
+    try:
+        yield weights
+    finally:
+        for attn in layers:
+            attn.recorded = None
 
 
 class MLP(nn.Module):
