@@ -3,7 +3,8 @@
 Three layers, each usable on its own:
 
 1. ``process_logits`` / ``sample_next``: pure functions on a (B, vocab) logits tensor:
-   repetition penalty -> temperature -> top-k -> top-p -> draw (or argmax when greedy).
+   repetition penalty -> temperature -> top-k -> top-p -> draw (or argmax when greedy);
+   ``token_logprobs``: what the server reports of a drawn token (the raw distribution's).
 2. ``stream_ids``: the token loop. It runs the prompt through the model once ("prefill")
    into a KV cache, then feeds one new token per step, so each step costs one token's
    attention instead of the whole sequence's. ``num_samples`` rows share the prompt and

@@ -3,7 +3,7 @@
     GET  /                      the web chat page (src/serve/static/)
     GET  /health                200 {"status": "ok", ...} while serving, 503 when stopping
     GET  /v1/models             the one model served (the run's folder name)
-    POST /v1/chat/completions   OpenAI's chat completions, streaming or not
+    POST /v1/chat/completions   OpenAI's chat completions, streaming or not (with logprobs)
     POST /v1/completions        OpenAI's (legacy) text completions, streaming or not
 
 Each request's choices go to the engine as separate sequences; their updates come back from
