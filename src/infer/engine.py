@@ -322,14 +322,17 @@ class Engine:
         rows = [r for r, seq in enumerate(seqs) if seq.request.logprobs is not None]
         if not rows:
             return records
-        top = max(seqs[r].request.logprobs for r in rows)
+        most = max(seqs[r].request.logprobs for r in rows)
         index = torch.tensor(rows, device=self.device)
         chosen = torch.tensor([tokens[r] for r in rows], device=self.device)
-        chosen_lp, top_lp, top_ids = token_logprobs(logits[index], chosen, top)
+        chosen_lp, top_lp, top_ids = token_logprobs(logits[index], chosen, most)
         for row, lp, top_lps, ids in zip(rows, chosen_lp.tolist(), top_lp.tolist(),
                                          top_ids.tolist()):
             k = seqs[row].request.logprobs
-            records[row] = TokenLogprob(tokens[row], lp, tuple(zip(ids[:k], top_lps[:k])))
+            # An id that is no token (-inf) is no alternative, even when k exceeds the tokens.
+            alternatives = tuple((t, p) for t, p in zip(ids[:k], top_lps[:k])
+                                 if p != float("-inf"))
+            records[row] = TokenLogprob(tokens[row], lp, alternatives)
         return records
 
     def _advance(self, seq: _Sequence, token: int, logprob: TokenLogprob | None) -> None:
