@@ -20,7 +20,7 @@ import contextlib
 import hmac
 import json
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +29,7 @@ from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from src.infer.engine import Engine, QueueFullError, Update
+from src.infer.engine import Engine, QueueFullError, TokenLogprob, Update
 from src.serve.protocol import (
     APIError,
     CompletionLogprobs,
@@ -289,7 +289,8 @@ class _Reply:
         legacy = self.wants_logprobs and not chat
         self.legacy = [CompletionLogprobs(tokenizer) for _ in range(n)] if legacy else []
 
-    def _logprobs(self, index: int, records) -> dict | None:
+    def _logprobs(self, index: int, records: Sequence[TokenLogprob]) -> dict | None:
+        """Choice ``index``'s ``logprobs`` object for ``records`` (None if not asked for)."""
         if not self.wants_logprobs:
             return None
         if self.chat:

@@ -237,6 +237,7 @@ async function send(text) {
 function newChat() {
   if (controller) controller.abort();
   turns.length = 0;
+  hideTokenInfo();
   $("messages").replaceChildren();
   showError("");
   $("input").focus();
