@@ -213,7 +213,7 @@ BAD_CHAT = [  # (body, param) -> 400
     ({"stream_options": {"include_usage": True}}, "stream_options"),
     ({"presence_penalty": 2.5}, "presence_penalty"),
     ({"frequency_penalty": "lots"}, "frequency_penalty"),
-    ({"logprobs": True}, "logprobs"),
+    ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
     ({"tools": [{"type": "function"}]}, "tools"),
     ({"max_tokens": 60, "messages": [{"role": "user", "content": "hello " * 10}]},
      "max_tokens"),

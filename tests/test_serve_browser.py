@@ -5,6 +5,7 @@ tests/serve_support.py, whose reply is known and contains HTML that must not run
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import time
@@ -12,6 +13,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+import torch
 
 from src.infer.engine import Engine
 from src.serve.app import create_app
@@ -26,8 +28,10 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = shutil.which("chromedriver")
-# The README's screenshot is (re)made with SERVE_SCREENSHOT=docs/serve-chat.png.
+# The README's screenshots are (re)made with SERVE_SCREENSHOT=docs/serve-chat.png and
+# SERVE_PROBABILITIES_SCREENSHOT=docs/serve-probabilities.png.
 SCREENSHOT_ENV = "SERVE_SCREENSHOT"
+PROBABILITIES_SCREENSHOT_ENV = "SERVE_PROBABILITIES_SCREENSHOT"
 
 # Record every request body the page sends, to check what it asks the server for.
 RECORD_FETCH = """
@@ -202,3 +206,107 @@ def test_screenshot_for_the_readme(page, tmp_path):
     path.parent.mkdir(parents=True, exist_ok=True)
     assert page.save_screenshot(str(path))
     assert path.stat().st_size > 10_000
+
+
+# --- token probabilities ------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def unsure_server():
+    """The scripted model made less sure of itself: each chain token's logit is scaled by its
+    own factor, so greedy decoding says the same reply with probabilities from about 30% to
+    95% (the other ~300 tokens share the rest)."""
+    tokenizer = scripted_tokenizer()
+    model = scripted_model(tokenizer)
+    with torch.no_grad():
+        for token in range(model.lm_head.weight.size(0)):
+            model.lm_head.weight[token] *= 0.075 + 0.055 * ((token * 37) % 11) / 10
+    engine = Engine(model, tokenizer, max_batch=2)
+    with running_server(create_app(engine, "scripted"), engine) as running:
+        yield running
+
+
+def label(token: str) -> str:
+    """A token as the page labels it (chat.js tokenLabel)."""
+    return token.replace(" ", "\u2423").replace("\n", "\u21b5").replace("\t", "\u21e5")
+
+
+def percent(logprob: float) -> str:
+    """A probability as the page shows it (chat.js percent)."""
+    p = 100 * math.exp(logprob)
+    return "<0.1%" if p < 0.1 else f"{p:.1f}%"
+
+
+def test_hovering_a_token_shows_its_alternatives_and_the_toggle_colours_the_reply(
+        browser, unsure_server, tmp_path):
+    from selenium.webdriver.common.action_chains import ActionChains
+
+    page = browser
+    page.get(unsure_server.base_url + "/")
+    wait_for(lambda: by_id(page, "model-name").text == "scripted")
+    page.execute_script(RECORD_FETCH)
+    set_setting(page, "temperature", "0")
+    set_setting(page, "max-tokens", "20")
+    by_id(page, "settings-toggle").click()
+    send(page, "Hi")
+    wait_for(lambda: finished(page, 0))
+    [sent] = page.execute_script("return window.__sent")
+    assert sent["logprobs"] is True and sent["top_logprobs"] == 5
+
+    # The same request through the API: what each piece of the reply must show.
+    body = {key: sent[key] for key in ("messages", "logprobs", "top_logprobs", "max_tokens")}
+    request = urllib.request.Request(
+        unsure_server.base_url + "/v1/chat/completions", headers={"Content-Type":
+        "application/json"}, data=json.dumps({**body, "temperature": 0}).encode())
+    with urllib.request.urlopen(request, timeout=30) as response:
+        entries = json.loads(response.read())["choices"][0]["logprobs"]["content"]
+
+    [reply] = replies(page)
+    spans = reply.find_elements("css selector", ".token")
+    texts = [s.get_attribute("textContent") for s in spans]
+    assert "".join(texts) == scripted_text(20)
+    assert len(spans) == 17 and texts.index("\U0001f642") == 14  # 4 byte tokens, one piece
+    assert reply.find_elements("css selector", "script") == []  # still text, never HTML
+
+    info = by_id(page, "token-info")
+    assert not info.is_displayed()
+    ActionChains(page).move_to_element(spans[1]).perform()
+    wait_for(info.is_displayed)
+    entry = entries[1]
+    [title] = info.find_elements("css selector", ".token-title")
+    assert title.text.split() == [label(entry["token"]), percent(entry["logprob"])]
+    rows = info.find_elements("css selector", ".alt")
+    assert [r.find_element("css selector", ".alt-token").text for r in rows] == [
+        label(alt["token"]) for alt in entry["top_logprobs"]]
+    assert [r.find_element("css selector", ".alt-p").text for r in rows] == [
+        percent(alt["logprob"]) for alt in entry["top_logprobs"]]
+    assert "chosen" in rows[0].get_attribute("class")  # greedy: the likeliest
+    assert 0.25 < math.exp(entry["logprob"]) < 0.97  # the model is unsure, as built
+
+    ActionChains(page).move_to_element(spans[14]).perform()  # the emoji: its four tokens
+    wait_for(lambda: len(info.find_elements("css selector", ".token-title")) == 4)
+    titles = [t.text for t in info.find_elements("css selector", ".token-title")]
+    assert [t.split()[0] for t in titles] == [e["token"] for e in entries[14:18]]
+
+    def colours() -> list[str]:
+        return [s.value_of_css_property("background-color") for s in spans]
+
+    assert set(colours()) == {"rgba(0, 0, 0, 0)"}
+    by_id(page, "probabilities").click()
+    assert by_id(page, "probabilities").get_attribute("aria-pressed") == "true"
+    assert len(set(colours())) >= 4  # one colour per probability
+    sure = max(range(14), key=lambda i: entries[i]["logprob"])  # pieces of one token each
+    red, green, _ = (int(c) for c in colours()[sure][5:-1].split(",")[:3])
+    assert green > red  # likely tokens are green
+
+    send(page, "And again?")
+    wait_for(lambda: finished(page, 1))
+    ActionChains(page).move_to_element(
+        replies(page)[1].find_elements("css selector", ".token")[3]).perform()
+    wait_for(info.is_displayed)
+    path = Path(os.environ.get(PROBABILITIES_SCREENSHOT_ENV) or tmp_path / "probabilities.png")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    assert page.save_screenshot(str(path))
+    assert path.stat().st_size > 10_000
+    by_id(page, "probabilities").click()
+    assert set(colours()) == {"rgba(0, 0, 0, 0)"}

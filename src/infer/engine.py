@@ -14,6 +14,11 @@ the next waiting request in the same step. Text goes out through the request's c
 decoded by the tokenizer's ``StreamingDecoder`` (a piece never ends inside a UTF-8
 character) and held back by a ``StopStringFilter`` (never any part of a stop string).
 
+Log-probabilities. A request with ``logprobs`` set also gets, for every generated token,
+its log-probability and the most likely alternatives under the model's raw distribution
+(``sampling.token_logprobs``), computed in the same step for those rows only: a batch in
+which nobody asks pays nothing.
+
 Isolation. Every request samples with its own settings (the sampler's ``process_logits``,
 batched over the rows that share settings) and its own ``torch.Generator`` (seeded from its
 ``seed``): each draw is one uniform number from the request's generator. So a request with
@@ -40,6 +45,7 @@ from src.infer.sampling import (
     SamplingSettings,
     StopStringFilter,
     process_logits,
+    token_logprobs,
     undecodable_ids,
 )
 from src.tokenizer.bpe import StreamingDecoder
@@ -57,6 +63,18 @@ class GenerationRequest:
     seed: int | None = None
     stop_ids: Sequence[int] = ()
     stop_strings: Sequence[str] = ()
+    # None: no log-probabilities; k >= 0: each generated token's, with the k likeliest.
+    logprobs: int | None = None
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A generated token, its log-probability under the model's raw distribution, and the
+    ``top`` alternatives at its position as (token, log-probability), most likely first."""
+
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -64,11 +82,18 @@ class Update:
     """What one step produced for a request: new ``text`` (may be empty on the last update),
     the number of tokens generated so far, and on the last update why it ended: "stop" (a
     stop token or string), "length" (``max_new_tokens``), "shutdown" (the engine stopped)
-    or "error" (the step failed; the error is printed to stderr and the engine goes on)."""
+    or "error" (the step failed; the error is printed to stderr and the engine goes on).
+
+    With ``GenerationRequest.logprobs``: ``logprobs`` holds the tokens generated since the
+    previous update (a stop token is not one: it has no text). Their bytes may run ahead of
+    ``text``: a character split over tokens comes out with its last token, text that could
+    begin a stop string is held back, and the token that completes a stop string is
+    reported though its text is cut."""
 
     text: str
     completion_tokens: int
     finish_reason: FinishReason | None = None
+    logprobs: tuple[TokenLogprob, ...] = ()
 
 
 class QueueFullError(RuntimeError):
@@ -101,6 +126,7 @@ class _Sequence:
     slot: int = -1
     last_token: int = -1
     generated: int = 0
+    pending_logprobs: list[TokenLogprob] = field(default_factory=list)  # not yet in an Update
 
 
 @dataclass
@@ -111,6 +137,7 @@ class Result:
     finish_reason: FinishReason
     completion_tokens: int
     pieces: list[str] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # if the request asked
 
 
 class Engine:
@@ -163,6 +190,9 @@ class Engine:
         that does not fit the context, ``RuntimeError`` once the engine is shut down."""
         for r in requests:
             self.check_fits(len(r.prompt_ids), r.settings.max_new_tokens)
+            if r.logprobs is not None and not 0 <= r.logprobs <= self.model.config.vocab_size:
+                raise ValueError(f"logprobs must be between 0 and the vocabulary size, got "
+                                 f"{r.logprobs}")
         sequences = [self._new_sequence(r, i, on_update) for i, r in enumerate(requests)]
         with self._cond:
             if self._stopping:
@@ -224,8 +254,8 @@ class Engine:
             seqs = [self._active[s] for s in slots]
             last = torch.tensor([[seq.last_token] for seq in seqs], device=self.device)
             logits = self.model(last, cache=self.cache, slots=self._slots(slots))
-            for seq, token in zip(seqs, self._sample(seqs, logits[:, -1])):
-                self._advance(seq, token)
+            for seq, token, logprob in zip(seqs, *self._sample(seqs, logits[:, -1])):
+                self._advance(seq, token, logprob)
         return True
 
     def _prefill(self, seqs: list[_Sequence]) -> None:
@@ -244,14 +274,16 @@ class Engine:
         last = torch.tensor(lengths, device=self.device)
         self.cache.lengths[slots] = last
         first = self._sample(seqs, logits[torch.arange(len(seqs), device=self.device), last - 1])
-        for seq, token in zip(seqs, first):
-            self._advance(seq, token)
+        for seq, token, logprob in zip(seqs, *first):
+            self._advance(seq, token, logprob)
 
     def _slots(self, slots: list[int]) -> torch.Tensor:
         return torch.tensor(slots, dtype=torch.long, device=self.device)
 
-    def _sample(self, seqs: list[_Sequence], logits: torch.Tensor) -> list[int]:
-        """The next token of each sequence from its row of ``logits`` (len(seqs), vocab).
+    def _sample(self, seqs: list[_Sequence], logits: torch.Tensor
+                ) -> tuple[list[int], list[TokenLogprob | None]]:
+        """The next token of each sequence from its row of ``logits`` (len(seqs), vocab),
+        and its log-probability for the sequences whose request asks (else None).
 
         Rows with equal settings go through ``process_logits`` together (one batched call),
         but each row's draw is one uniform number from its own generator, turned into a
@@ -280,9 +312,30 @@ class Engine:
                 chosen = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None]).squeeze(-1)
             for row, token in zip(rows, chosen.tolist()):
                 tokens[row] = token
-        return tokens
+        return tokens, self._logprobs(seqs, logits, tokens)
 
-    def _advance(self, seq: _Sequence, token: int) -> None:
+    def _logprobs(self, seqs: list[_Sequence], logits: torch.Tensor,
+                  tokens: list[int]) -> list[TokenLogprob | None]:
+        """The chosen tokens' log-probabilities and alternatives, for the rows that ask; one
+        batched computation (the banned ids, no tokens, have probability 0)."""
+        records: list[TokenLogprob | None] = [None] * len(seqs)
+        rows = [r for r, seq in enumerate(seqs) if seq.request.logprobs is not None]
+        if not rows:
+            return records
+        most = max(seqs[r].request.logprobs for r in rows)
+        index = torch.tensor(rows, device=self.device)
+        chosen = torch.tensor([tokens[r] for r in rows], device=self.device)
+        chosen_lp, top_lp, top_ids = token_logprobs(logits[index], chosen, most)
+        for row, lp, top_lps, ids in zip(rows, chosen_lp.tolist(), top_lp.tolist(),
+                                         top_ids.tolist()):
+            k = seqs[row].request.logprobs
+            # An id that is no token (-inf) is no alternative, even when k exceeds the tokens.
+            alternatives = tuple((t, p) for t, p in zip(ids[:k], top_lps[:k])
+                                 if p != float("-inf"))
+            records[row] = TokenLogprob(tokens[row], lp, alternatives)
+        return records
+
+    def _advance(self, seq: _Sequence, token: int, logprob: TokenLogprob | None) -> None:
         """Take the sequence's next token: stream its text, retire it if it has ended."""
         if seq.handle.cancelled:
             self._release(self._active.pop(seq.slot))
@@ -297,13 +350,15 @@ class Engine:
             self._finish(seq, "stop")
             return
         seq.last_token = token
+        if logprob is not None:
+            seq.pending_logprobs.append(logprob)
         text = seq.stops.feed(seq.decoder.feed(token))
         if seq.stops.stopped:
             self._finish(seq, "stop", text)
         elif seq.generated == settings.max_new_tokens:
             self._finish(seq, "length", text)
         elif text:
-            self._emit(seq, Update(text, seq.generated))
+            self._emit(seq, text)
 
     def _finish(self, seq: _Sequence, reason: FinishReason, text: str = "") -> None:
         if not seq.stops.stopped:  # the rest: an unfinished character, held-back text
@@ -311,10 +366,13 @@ class Engine:
             text += seq.stops.flush()
             if seq.stops.stopped:
                 reason = "stop"
-        self._emit(seq, Update(text, seq.generated, reason))
+        self._emit(seq, text, reason)
         self._release(self._active.pop(seq.slot))
 
-    def _emit(self, seq: _Sequence, update: Update) -> None:
+    def _emit(self, seq: _Sequence, text: str, reason: FinishReason | None = None) -> None:
+        """Send an update with ``text`` and the log-probabilities gathered since the last."""
+        update = Update(text, seq.generated, reason, tuple(seq.pending_logprobs))
+        seq.pending_logprobs.clear()
         try:
             seq.on_update(update)
         except Exception:  # noqa: BLE001 - a failing consumer must not stop the others
@@ -355,7 +413,7 @@ class Engine:
         for seq in [*self._active.values(), *waiting]:
             if not seq.handle.cancelled:
                 text = seq.stops.feed(seq.decoder.flush()) + seq.stops.flush()
-                self._emit(seq, Update(text, seq.generated, reason))
+                self._emit(seq, text, reason)
         for slot in list(self._active):
             self._release(self._active.pop(slot))
 
@@ -392,6 +450,7 @@ class Engine:
                 result.pieces.append(update.text)
                 if on_text:
                     on_text(update.text)
+            result.logprobs.extend(update.logprobs)
             result.completion_tokens = update.completion_tokens
             if update.finish_reason:
                 result.finish_reason = update.finish_reason

@@ -3,7 +3,8 @@
 Three layers, each usable on its own:
 
 1. ``process_logits`` / ``sample_next``: pure functions on a (B, vocab) logits tensor:
-   repetition penalty -> temperature -> top-k -> top-p -> draw (or argmax when greedy).
+   repetition penalty -> temperature -> top-k -> top-p -> draw (or argmax when greedy);
+   ``token_logprobs``: what the server reports of a drawn token (the raw distribution's).
 2. ``stream_ids``: the token loop. It runs the prompt through the model once ("prefill")
    into a KV cache, then feeds one new token per step, so each step costs one token's
    attention instead of the whole sequence's. ``num_samples`` rows share the prompt and
@@ -202,6 +203,20 @@ def sample_next(
         return logits.argmax(dim=-1)
     probs = torch.softmax(logits, dim=-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def token_logprobs(
+    logits: torch.Tensor, chosen: torch.Tensor, top: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Log-probabilities under the model's own distribution, ``log_softmax(logits)`` of the
+    raw logits (before penalties, temperature, top-k and top-p, as vLLM's and llama.cpp's
+    servers report them): for each row of ``logits`` (B, vocab), the ``chosen`` (B,) token's
+    log-probability (B,), and the ``top`` most likely tokens' log-probabilities and ids
+    (B, top), most likely first. Computed in float32."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    chosen_logprobs = logprobs.gather(-1, chosen[:, None]).squeeze(-1)
+    top_logprobs, top_ids = torch.topk(logprobs, min(top, logprobs.size(-1)), dim=-1)
+    return chosen_logprobs, top_logprobs, top_ids
 
 
 # ----------------------------------------------------------------------------------------

@@ -3,7 +3,7 @@
     GET  /                      the web chat page (src/serve/static/)
     GET  /health                200 {"status": "ok", ...} while serving, 503 when stopping
     GET  /v1/models             the one model served (the run's folder name)
-    POST /v1/chat/completions   OpenAI's chat completions, streaming or not
+    POST /v1/chat/completions   OpenAI's chat completions, streaming or not (with logprobs)
     POST /v1/completions        OpenAI's (legacy) text completions, streaming or not
 
 Each request's choices go to the engine as separate sequences; their updates come back from
@@ -20,7 +20,7 @@ import contextlib
 import hmac
 import json
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,10 +29,12 @@ from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from src.infer.engine import Engine, QueueFullError, Update
+from src.infer.engine import Engine, QueueFullError, TokenLogprob, Update
 from src.serve.protocol import (
     APIError,
+    CompletionLogprobs,
     ParsedRequest,
+    chat_logprobs,
     new_id,
     now,
     openai_finish_reason,
@@ -196,7 +198,7 @@ def create_app(engine: Engine, model_name: str, *, api_key: str | None = None,
             raise APIError(503, "The server is shutting down.", type="server_error",
                            code="server_shutting_down") from None
         updates = _updates(request, queue, len(handles))
-        reply = _Reply(parsed, model_name, chat)
+        reply = _Reply(parsed, model_name, chat, engine.tokenizer)
         if parsed.stream:
             async def events() -> AsyncIterator[str]:
                 try:
@@ -273,8 +275,8 @@ def _sse(obj: dict) -> str:
 class _Reply:
     """Builds the response objects of one request, streamed (chunks) or whole."""
 
-    def __init__(self, parsed: ParsedRequest, model_name: str, chat: bool) -> None:
-        self.parsed, self.chat = parsed, chat
+    def __init__(self, parsed: ParsedRequest, model_name: str, chat: bool, tokenizer) -> None:
+        self.parsed, self.chat, self.tokenizer = parsed, chat, tokenizer
         self.id = new_id("chatcmpl" if chat else "cmpl")
         self.created = now()
         self.model = model_name
@@ -282,6 +284,18 @@ class _Reply:
         self.texts = [[] for _ in range(n)]
         self.finish = ["length"] * n
         self.tokens = [0] * n
+        self.wants_logprobs = parsed.logprobs is not None
+        self.records = [[] for _ in range(n)]  # each choice's TokenLogprobs (whole replies)
+        legacy = self.wants_logprobs and not chat
+        self.legacy = [CompletionLogprobs(tokenizer) for _ in range(n)] if legacy else []
+
+    def _logprobs(self, index: int, records: Sequence[TokenLogprob]) -> dict | None:
+        """Choice ``index``'s ``logprobs`` object for ``records`` (None if not asked for)."""
+        if not self.wants_logprobs:
+            return None
+        if self.chat:
+            return chat_logprobs(self.tokenizer, records)
+        return self.legacy[index].add(records)
 
     def _chunk(self, choices: list[dict]) -> dict:
         chunk = {"id": self.id, "object": "chat.completion.chunk" if self.chat
@@ -292,13 +306,15 @@ class _Reply:
         return chunk
 
     def _choice(self, index: int, text: str | None, finish: str | None,
-                role: bool = False) -> dict:
+                role: bool = False, logprobs: dict | None = None) -> dict:
         if self.chat:
             delta = {} if text is None else {"content": text}
             if role:
                 delta = {"role": "assistant", "content": ""}
-            return {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}
-        return {"index": index, "text": text or "", "logprobs": None, "finish_reason": finish}
+            return {"index": index, "delta": delta, "logprobs": logprobs,
+                    "finish_reason": finish}
+        return {"index": index, "text": text or "", "logprobs": logprobs,
+                "finish_reason": finish}
 
     def opening_chunks(self) -> list[dict]:
         """Chat streams open with each choice's role (OpenAI's first chunk)."""
@@ -310,8 +326,9 @@ class _Reply:
     def chunks(self, index: int, update: Update) -> list[dict]:
         self.tokens[index] = update.completion_tokens
         out = []
-        if update.text:
-            out.append(self._chunk([self._choice(index, update.text, None)]))
+        if update.text or update.logprobs:  # tokens whose text is held back come with logprobs
+            logprobs = self._logprobs(index, update.logprobs)
+            out.append(self._chunk([self._choice(index, update.text, None, logprobs=logprobs)]))
         if update.finish_reason:
             finish = openai_finish_reason(update.finish_reason)
             self.finish[index] = finish
@@ -328,6 +345,7 @@ class _Reply:
 
     def add(self, index: int, update: Update) -> None:
         self.texts[index].append(update.text)
+        self.records[index].extend(update.logprobs)
         self.tokens[index] = update.completion_tokens
         if update.finish_reason:
             self.finish[index] = openai_finish_reason(update.finish_reason)
@@ -336,11 +354,12 @@ class _Reply:
         choices = []
         for i, pieces in enumerate(self.texts):
             text = "".join(pieces)
+            logprobs = self._logprobs(i, self.records[i])
             if self.chat:
                 choices.append({"index": i, "message": {"role": "assistant", "content": text},
-                                "logprobs": None, "finish_reason": self.finish[i]})
+                                "logprobs": logprobs, "finish_reason": self.finish[i]})
             else:
-                choices.append({"index": i, "text": text, "logprobs": None,
+                choices.append({"index": i, "text": text, "logprobs": logprobs,
                                 "finish_reason": self.finish[i]})
         return {"id": self.id, "object": "chat.completion" if self.chat else "text_completion",
                 "created": self.created, "model": self.model, "choices": choices,

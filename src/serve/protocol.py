@@ -5,8 +5,14 @@ object with the parameter it concerns (``param``) and a message saying what was 
 Where OpenAI's API is silent for a model like ours, we follow vLLM: unknown fields are
 ignored, ``max_tokens`` defaults to the room left in the context, ``top_k``,
 ``repetition_penalty`` and ``ignore_eos`` (generate exactly ``max_tokens``, for
-benchmarks) are accepted as extras. Features we do not have (log-probabilities,
-tools, JSON mode, logit bias, suffix, echo) are refused with 400 rather than ignored.
+benchmarks) are accepted as extras. Features we do not have (tools, JSON mode, logit
+bias, suffix, echo) are refused with 400 rather than ignored.
+
+Log-probabilities (``logprobs``) are OpenAI's: chat's ``{"content": [{token, logprob, bytes,
+top_logprobs}]}`` and the legacy completions' ``{tokens, token_logprobs, top_logprobs,
+text_offset}``, under the model's raw distribution (see ``sampling.token_logprobs``). A
+token that is not valid UTF-8 on its own (part of a character split over tokens) is named
+as OpenAI names it, ``"bytes:\\xf0\\x9f"``; its ``bytes`` are the raw bytes.
 """
 
 from __future__ import annotations
@@ -14,14 +20,18 @@ from __future__ import annotations
 import math
 import secrets
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from src.infer.engine import Engine, GenerationRequest
+from src.infer.engine import Engine, GenerationRequest, TokenLogprob
 from src.infer.sampling import SamplingSettings
+from src.tokenizer.bpe import StreamingDecoder
 from src.tokenizer.chat_template import Turn, encode_chat
 
 MAX_N = 8  # choices per request (each one is a sequence in the batch)
+MAX_TOP_LOGPROBS = 20  # chat's top_logprobs, as OpenAI
+MAX_COMPLETION_LOGPROBS = 5  # the legacy completions' logprobs, as OpenAI
 MAX_STOP = 4  # stop strings, as OpenAI
 SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed accepts
 ROLES = ("system", "user", "assistant")
@@ -104,6 +114,7 @@ class ParsedRequest:
     stop_strings: list[str]
     stream: bool
     include_usage: bool
+    logprobs: int | None = None  # alternatives per token (None: no log-probabilities)
     requests: list[GenerationRequest] = field(default_factory=list)
 
     @property
@@ -211,7 +222,7 @@ def parse_request(body: Any, kind: str, engine: Engine, model_name: str) -> Pars
     if not isinstance(body, dict):
         raise _bad("the request body must be a JSON object", None, "invalid_type")
     _refuse_unsupported(body, {
-        "logprobs": False, "top_logprobs": 0, "logit_bias": {}, "tools": [], "functions": [],
+        "logit_bias": {}, "tools": [], "functions": [],
         "tool_choice": "none", "function_call": "none", "suffix": "", "echo": False,
         "best_of": 1, "audio": None, "modalities": ["text"], "prediction": None})
     fmt = body.get("response_format")
@@ -234,6 +245,12 @@ def parse_request(body: Any, kind: str, engine: Engine, model_name: str) -> Pars
         max_param = "max_completion_tokens"
         if max_tokens is None:
             max_tokens, max_param = _integer(body, "max_tokens", 1, 2**31 - 1), "max_tokens"
+        top_logprobs = _integer(body, "top_logprobs", 0, MAX_TOP_LOGPROBS)
+        wants_logprobs = _boolean(body, "logprobs")
+        if top_logprobs is not None and not wants_logprobs:
+            raise _bad("'top_logprobs' needs 'logprobs' set to true", "top_logprobs",
+                       "invalid_value")
+        logprobs = (top_logprobs or 0) if wants_logprobs else None
     else:
         prompt = body.get("prompt")
         texts = [prompt] if isinstance(prompt, str) else prompt
@@ -246,6 +263,7 @@ def parse_request(body: Any, kind: str, engine: Engine, model_name: str) -> Pars
         prompts = [[eot, *tok.encode(t)] for t in texts]  # a document starts after <|endoftext|>
         stop_ids = [eot]
         max_tokens, max_param = _integer(body, "max_tokens", 1, 2**31 - 1), "max_tokens"
+        logprobs = _integer(body, "logprobs", 0, MAX_COMPLETION_LOGPROBS)
 
     ctx = engine.context_length
     longest = max(len(p) for p in prompts)
@@ -277,13 +295,13 @@ def parse_request(body: Any, kind: str, engine: Engine, model_name: str) -> Pars
     parsed = ParsedRequest(
         prompts=prompts, settings=settings, n=common["n"], seed=common["seed"],
         stop_ids=stop_ids, stop_strings=common["stops"], stream=common["stream"],
-        include_usage=common["include_usage"])
+        include_usage=common["include_usage"], logprobs=logprobs)
     for prompt in prompts:
         for j in range(parsed.n):
             # Choice j draws with seed + j, so n choices differ and each is reproducible.
             seed = None if parsed.seed is None else parsed.seed + j
             parsed.requests.append(GenerationRequest(prompt, settings, seed, stop_ids,
-                                                     parsed.stop_strings))
+                                                     parsed.stop_strings, logprobs))
     return parsed
 
 
@@ -307,3 +325,58 @@ def openai_finish_reason(reason: str) -> str:
     """The engine's reasons in OpenAI's words: a stream ended by the server shutting down
     reports "stop" (OpenAI has no word for it; its text is complete as far as it goes)."""
     return "length" if reason == "length" else "stop"
+
+
+# ------------------------------------------------------------------------ log-probabilities
+
+
+def token_name(token_bytes: bytes) -> str:
+    """A token as OpenAI shows it: its text, or ``bytes:\\xf0\\x9f`` (escaped, lowercase
+    hex) when its bytes are not valid UTF-8 on their own (part of a split character)."""
+    try:
+        return token_bytes.decode("utf-8")
+    except UnicodeDecodeError:
+        return "bytes:" + "".join(f"\\x{b:02x}" for b in token_bytes)
+
+
+def chat_logprobs(tokenizer, records: Sequence[TokenLogprob]) -> dict:
+    """Chat's ``choice.logprobs``: ``{"content": [{token, logprob, bytes, top_logprobs}],
+    "refusal": None}``, one entry per generated token."""
+
+    def entry(token: int, logprob: float) -> dict:
+        raw = tokenizer.token_bytes(token)
+        return {"token": token_name(raw), "logprob": logprob, "bytes": list(raw)}
+
+    return {"content": [{**entry(r.token, r.logprob),
+                         "top_logprobs": [entry(t, lp) for t, lp in r.top]}
+                        for r in records],
+            "refusal": None}
+
+
+class CompletionLogprobs:
+    """The legacy completions' ``choice.logprobs`` of one choice, built as its tokens come:
+    ``tokens``, ``token_logprobs``, ``top_logprobs`` (a dict token -> logprob of the
+    likeliest, plus the chosen token, as OpenAI: up to logprobs + 1 entries) and
+    ``text_offset`` (where each token's text starts in the completion, in characters; the
+    tokens of a split character all start at it). Offsets run on across streamed chunks."""
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self.decoder = StreamingDecoder(tokenizer)
+        self.chars = 0  # characters of the completion decoded so far
+
+    def add(self, records: Sequence[TokenLogprob]) -> dict:
+        """The ``logprobs`` object of the next ``records``."""
+        out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+        for r in records:
+            out["tokens"].append(self._name(r.token))
+            out["token_logprobs"].append(r.logprob)
+            top = {self._name(t): lp for t, lp in r.top}
+            top.setdefault(self._name(r.token), r.logprob)
+            out["top_logprobs"].append(top)
+            out["text_offset"].append(self.chars)
+            self.chars += len(self.decoder.feed(r.token))
+        return out
+
+    def _name(self, token: int) -> str:
+        return token_name(self.tokenizer.token_bytes(token))
