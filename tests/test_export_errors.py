@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from src.utils.integrity import seal
+
 pytest.importorskip("transformers")
 
 from src.checkpoint import latest_checkpoint  # noqa: E402
@@ -69,23 +71,24 @@ def test_run_without_checkpoint(tmp_path, capsys):
 
 def test_no_runs_at_all(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)  # no runs/ here: the default --run finds nothing
-    fails(["--out", str(tmp_path / "o")], capsys, "no trained run found", tmp_path / "o")
+    fails(["--out", str(tmp_path / "o")], capsys, "no trained model found", tmp_path / "o")
 
 
 def test_missing_run_and_unknown_step(run_dir, tmp_path, capsys):
     fails(["--run", str(tmp_path / "nope"), "--out", str(tmp_path / "o")], capsys,
           "no such folder", tmp_path / "o")
     fails(["--run", str(run_dir), "--out", str(tmp_path / "o"), "--checkpoint", "999"], capsys,
-          "not a complete checkpoint", tmp_path / "o")
+          "no complete checkpoint of step 999", tmp_path / "o")
     fails(["--run", str(run_dir), "--out", str(tmp_path / "o"), "--checkpoint", "newest"],
-          capsys, "expected best, latest or a step", tmp_path / "o")
+          capsys, "expected best, latest, a step number", tmp_path / "o")
 
 
 def test_truncated_weights(run_dir, tmp_path, capsys):
     run, ckpt = copy_run(run_dir, tmp_path)
     weights = ckpt / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:1000])
-    fails(["--run", str(run), "--out", str(tmp_path / "o")], capsys, "cannot read", tmp_path / "o")
+    fails(["--run", str(run), "--out", str(tmp_path / "o")], capsys,
+          "model.safetensors is 1,000 bytes", tmp_path / "o")
 
 
 def test_corrupted_state(run_dir, tmp_path, capsys):
@@ -98,7 +101,8 @@ def test_unrepresentable_model_config(run_dir, tmp_path, capsys):
     run, ckpt = copy_run(run_dir, tmp_path)
     state = json.loads((ckpt / "state.json").read_text())
     state["model_config"]["parallel_blocks"] = True  # a field this code does not know
-    (ckpt / "state.json").write_text(json.dumps(state))
+    state.pop("content_sha256")  # re-sealed: the state is intact, only its model is unknown
+    (ckpt / "state.json").write_text(json.dumps(seal(state)))
     fails(["--run", str(run), "--out", str(tmp_path / "o")], capsys, "unusable model config",
           tmp_path / "o")
 

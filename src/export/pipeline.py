@@ -13,13 +13,9 @@ import torch
 
 from src.checkpoint import (
     CHECKPOINTS,
-    TRAIN_HINT,
     best_checkpoint,
-    checkpoint_name,
-    is_complete,
-    latest_checkpoint,
     load_model,
-    newest_run,
+    resolve_checkpoint,
     run_dir_of,
 )
 from src.export.gguf_file import write_gguf
@@ -77,33 +73,16 @@ def check_out(out: Path, force: bool, source: Path) -> None:
 
 
 def pick_checkpoint(run: Path | None, which: str) -> tuple[Path, str | None]:
-    """The checkpoint folder of ``run`` (None: the newest run under runs/) that ``which``
-    names: "best" (else the latest, when no evaluation chose one), "latest", or a step;
-    and a note when "best" had to fall back. ``run`` may also be a checkpoint folder."""
-    if run is None:
-        run = newest_run(Path("runs"))
-        if run is None:
-            raise UserError(f"no trained run found under {Path('runs').resolve()}; {TRAIN_HINT}")
-    if not run.is_dir():
+    """The checkpoint folder of ``run`` (None: the newest run under runs/; or a checkpoint
+    folder itself) that ``which`` names, by src/checkpoint's one rule (best, latest or a step;
+    a damaged best/latest is skipped for the newest intact one, with a warning); and a note
+    when "best" was asked of a run that has none marked yet (no evaluation)."""
+    if run is not None and not run.is_dir():
         raise UserError(f"--run {run}: no such folder")
-    if is_complete(run):  # a checkpoint folder itself
-        return run, None
+    ckpt = resolve_checkpoint(run, which)
     note = None
-    if which == "best":
-        ckpt = best_checkpoint(run)
-        if ckpt is None:
-            ckpt = latest_checkpoint(run)
-            note = "the run has no best checkpoint (no evaluation yet): exported the latest"
-    elif which == "latest":
-        ckpt = latest_checkpoint(run)
-    elif which.isdigit():
-        ckpt = run / CHECKPOINTS / checkpoint_name(int(which))
-        if not is_complete(ckpt):
-            raise UserError(f"--checkpoint {which}: {ckpt} is not a complete checkpoint")
-    else:
-        raise UserError(f"--checkpoint {which!r}: expected best, latest or a step number")
-    if ckpt is None:
-        raise UserError(f"no complete checkpoint in {run}; {TRAIN_HINT}")
+    if which == "best" and ckpt.parent.name == CHECKPOINTS and best_checkpoint(run_dir_of(ckpt)) is None:
+        note = "the run has no best checkpoint (no evaluation yet): exported the latest"
     return ckpt, note
 
 

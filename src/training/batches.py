@@ -86,9 +86,11 @@ def read_meta(data_dir: str | Path) -> dict[str, Any]:
     path = data_dir / "meta.json"
     problem = file_problem(path)
     if problem and not path.exists():
-        if data_dir.is_dir() and any(data_dir.iterdir()):
+        prepared = any((data_dir / n).exists() for n in ("train.bin", "val.bin", "tokenizer.json"))
+        if data_dir.is_dir() and any(data_dir.iterdir()) and not prepared:
             # A folder with other things in it (e.g. the raw releases): preparing into it would
-            # mix token files with them, so advise a folder of its own.
+            # mix token files with them, so advise a folder of its own. (A prepared folder that
+            # lost its meta.json gets the plain re-run advice below.)
             own = "data" if data_dir.resolve() != Path("data").resolve() else "data-prepared"
             raise UserError(
                 f"{data_dir} holds no prepared data (no {path.name}; raw releases?); prepare it into "
