@@ -1,6 +1,6 @@
 """Talk to a trained model.
 
-    python chat.py                      # the newest run under runs/
+    python chat.py                      # the newest fine-tuned run under runs/, else the newest run
     python chat.py --run runs/small --temperature 0.7
     echo "Hello, how are you?" | python chat.py --run runs/small
 
@@ -29,6 +29,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the repo root
 
+from src.checkpoint import is_finetuned
 from src.infer.chat_session import ChatSession, CommandError, message_text, parse_command
 from src.infer.generate import (
     add_loading_args,
@@ -93,7 +94,11 @@ def main(argv: list[str] | None = None) -> int:
     settings = settings_from_args(args, args.max_tokens, max_tokens_flag="--max-tokens")
 
     interactive = sys.stdin.isatty()
-    model, tokenizer, info = load_model_from_args(args)
+    model, tokenizer, info = load_model_from_args(args, prefer_finetuned=True)
+    if not (args.run or args.checkpoint):  # say which run "the newest" turned out to be
+        kind = "fine-tuned run" if is_finetuned(info["run_dir"]) else "run (none is fine-tuned)"
+        print(f"(loaded the newest {kind} {info['run_dir']}; --run picks another)",
+              file=sys.stderr, flush=True)
     session = ChatSession(model, tokenizer, settings, seed=args.seed)
     # Stdout carries only replies when piped; everything else goes to stderr then.
     talk = sys.stdout if interactive else sys.stderr

@@ -6,6 +6,7 @@ A run folder looks like::
         config.json          resolved training config          (written by the trainer)
         tokenizer.json       copy of the data's tokenizer, so the run is self-contained
         data_meta.json       copy of the data's meta.json (tokenizer hash, byte counts, ...)
+        finetune.json        only in a fine-tuned run: its base run and data (src/training/finetune.py)
         metrics.jsonl        one JSON line per optimiser step / evaluation
         checkpoints/
             latest           text file: name of the newest complete checkpoint
@@ -26,6 +27,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +36,7 @@ from src.utils.cli import UserError
 
 FORMAT_VERSION = 1
 CHECKPOINTS = "checkpoints"
+FINETUNE_FILE = "finetune.json"
 TRAIN_HINT = "train one with `python train.py` (see `python train.py --help`)"
 
 
@@ -89,11 +92,17 @@ def read_state(ckpt: str | Path) -> dict[str, Any]:
     return state
 
 
-def newest_run(runs: Path) -> Path | None:
-    """The run under ``runs`` whose loadable checkpoint (best, else latest) is newest."""
+def is_finetuned(run_dir: str | Path) -> bool:
+    """Whether a run is a fine-tuning stage on top of another run (it has finetune.json)."""
+    return (Path(run_dir) / FINETUNE_FILE).is_file()
+
+
+def newest_run(runs: Path, where: Callable[[Path], bool] | None = None) -> Path | None:
+    """The run under ``runs`` whose loadable checkpoint (best, else latest) is newest; with
+    ``where``, the newest of the runs it accepts (e.g. :func:`is_finetuned`)."""
     candidates = []
     for run in runs.iterdir() if runs.is_dir() else ():
-        if not run.is_dir():
+        if not run.is_dir() or (where is not None and not where(run)):
             continue
         ckpt = best_checkpoint(run) or latest_checkpoint(run)
         if ckpt is not None:

@@ -25,7 +25,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo root
 
 
-from src.checkpoint import load_model
+from src.checkpoint import is_finetuned, load_model, newest_run
 from src.infer.sampling import TEXT_DEFAULTS, SamplingSettings, generate, rename_setting_in_error
 from src.utils.cli import UserError, run_cli
 from src.utils.device import make_generator, pick_device
@@ -64,10 +64,14 @@ def add_loading_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: auto)")
 
 
-def load_model_from_args(args: argparse.Namespace):
+def load_model_from_args(args: argparse.Namespace, *, prefer_finetuned: bool = False):
     """(model, tokenizer, info) from --run/--checkpoint (or the newest run) on --device;
-    safetensors only."""
-    return load_model(args.run or args.checkpoint, device=pick_device(args.device))
+    safetensors only. ``prefer_finetuned`` (chat.py): without --run/--checkpoint, the newest
+    fine-tuned run when there is one, as a chat model is what a chat wants."""
+    path = args.run or args.checkpoint
+    if path is None and prefer_finetuned:
+        path = newest_run(Path("runs"), where=is_finetuned)
+    return load_model(path, device=pick_device(args.device))
 
 
 def settings_from_args(

@@ -9,7 +9,8 @@ One iteration of :meth:`TrainLoop.run`, top to bottom::
     time budget         plans max_steps once the speed is measured (src/training/time_budget.py)
     evaluate_if_due     every eval_interval steps and at the end; the time budget re-plans
     checkpoint_due      every checkpoint_interval steps, at a new best, at the end, on a stop
-    stop?               Ctrl-C / SIGTERM (caught by StopSignals), --stop-at-step, budget overrun
+    stop?               Ctrl-C / SIGTERM (caught by StopSignals), --stop-at-step, budget overrun,
+                        early stopping (``patience`` evaluations in a row without a new best)
 
 The loop is independent of what it trains on: ``batches`` is any BatchSource (pretraining:
 BatchLoader over train.bin; a fine-tuning stage: masked conversation batches), ``evaluate`` any
@@ -19,7 +20,8 @@ src/training/trainer.py's job.
 Exact resume: a checkpoint holds the weights, the optimiser, every RNG (src/training/checkpoint.py)
 and the loop's own state, written by :meth:`TrainLoop.save` and read back by
 :meth:`TrainLoop.__init__` from ``resume_state``: step, tokens seen, training seconds, best
-validation loss, the time budget's plan and the batch source's position.
+validation loss, evaluations since the best, the time budget's plan and the batch source's
+position.
 """
 
 from __future__ import annotations
@@ -83,8 +85,10 @@ class TrainLoop:
     logged too); ``eval_tokens`` is how many tokens it scores (the time budget's estimate of
     its cost). ``checkpoint_facts`` go into every checkpoint's state.json as they are.
     ``resume_state``: the state of the checkpoint to continue from, whose weights, optimiser
-    and RNG are already loaded (``checkpoint.load_checkpoint``). ``loss_hook(step, loss)`` lets
-    tests alter a step's loss (e.g. inject a NaN).
+    and RNG are already loaded (``checkpoint.load_checkpoint``). ``patience``: stop once that
+    many evaluations in a row brought no new best validation loss (None: never); the best
+    checkpoint is what ``load_model`` then loads. ``loss_hook(step, loss)`` lets tests alter a
+    step's loss (e.g. inject a NaN).
     """
 
     def __init__(
@@ -102,6 +106,7 @@ class TrainLoop:
         dist: DistInfo | None = None,
         checkpoint_facts: dict[str, Any] | None = None,
         resume_state: dict[str, Any] | None = None,
+        patience: int | None = None,
         loss_hook: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
     ) -> None:
         self.cfg, self.run_dir = cfg, Path(cfg.run_dir)
@@ -109,7 +114,7 @@ class TrainLoop:
         self.batches, self.evaluate = batches, evaluate
         self.device, self.amp_dtype, self.dist = device, amp_dtype, dist or DistInfo()
         self.checkpoint_facts = checkpoint_facts or {}
-        self.loss_hook = loss_hook
+        self.loss_hook, self.patience = loss_hook, patience
         # fp16 needs loss scaling (its range is too small for small gradients); bf16 does not.
         self.scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
         self.comm_device = device if device.type == "cuda" else torch.device("cpu")  # NCCL: CUDA
@@ -124,6 +129,7 @@ class TrainLoop:
         self.tokens_seen = state.get("tokens_seen", 0)
         self.seconds_before = state.get("train_seconds", 0.0)  # of earlier invocations
         self.best_val = state.get("best_val_loss") or math.inf
+        self.evals_since_best = state.get("evals_since_best", 0)
         if "loader" in state:
             batches.load_state_dict(state["loader"])
         self.budget = TimeBudget(
@@ -184,6 +190,10 @@ class TrainLoop:
                 if any_rank(self.budget.exceeded(self.train_seconds()), self.dist, self.device):
                     end_reason = f"time budget exceeded at step {self.step}"
                     break
+                if self.patience and self.evals_since_best >= self.patience:
+                    end_reason = (f"early stop at step {self.step}: no better validation loss "
+                                  f"in {self.evals_since_best} evaluations")
+                    break
             if self.last_saved != self.step:
                 self.save()
         if end_reason == "finished" and self.step == self.start_step and self.resumed:
@@ -242,6 +252,7 @@ class TrainLoop:
         val_loss = result["val_loss"]
         is_best = val_loss < self.best_val
         self.best_val = min(self.best_val, val_loss)
+        self.evals_since_best = 0 if is_best else self.evals_since_best + 1
         log.evaluation({"step": self.step, **result, "best_val_loss": self.best_val},
                        format_evaluation(self.step, result, is_best))
         if self.budget.after_evaluation(self.step, self.train_seconds()):
@@ -261,6 +272,7 @@ class TrainLoop:
             "tokens_seen": self.tokens_seen, "train_seconds": self.train_seconds(),
             "best_val_loss": None if self.best_val == math.inf else self.best_val,
             "val_loss": val_loss, "planned_steps": self.budget.planned_steps,
+            "evals_since_best": self.evals_since_best,
             "loader": self.batches.state_dict(),
             "schedule": {"name": self.cfg.schedule, "max_steps": self.max_steps,
                          "lr": lr_at(self.step, self.cfg, self.max_steps)},
