@@ -250,7 +250,8 @@ def test_finetune_lowers_assistant_loss_and_makes_an_ordinary_run(setup, monkeyp
     assert record["base_run"] == "runs/base" and record["data"]["source"] == "dailydialog"
     assert record["data"]["sha256"] and record["examples"]["train"] >= 60
     state = reader.read_state(reader.latest_checkpoint(run))
-    assert state["finetune"] == record
+    assert state["finetune"] == record and state["base_val_loss"] == summary["base_val_loss"]
+    assert summary["best_val_loss"] < summary["base_val_loss"]
     assert (run / "config.json").is_file() and (run / "metrics.jsonl").is_file()
     assert (run / "data_meta.json").read_text() == (base / "data_meta.json").read_text()
 
@@ -335,6 +336,10 @@ def test_default_base_is_the_newest_pretraining_run_and_train_resume_skips_sft(s
     shutil.copytree(base, sft)
     (sft / reader.FINETUNE_FILE).write_text("{}")
     import os
+    import time
+
+    newest = time.time() + 60  # newer than any other run of this module
+    os.utime(reader.latest_checkpoint(sft), (newest, newest))
 
     cwd = Path.cwd()
     os.chdir(root)

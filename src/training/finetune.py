@@ -274,16 +274,21 @@ def _finetune(stage: FinetuneConfig, explicit: dict[str, Any], device: torch.dev
 
     # ---- 7. the loop -------------------------------------------------------------------------
     val_tokens = sum(len(ids) - 1 for ids, _ in val_examples)
+    evaluate = chat_validation(raw_model, val_examples, micro_tokens, device, amp_dtype)
+    # The base model's validation loss: the figure fine-tuning has to beat (said once).
+    base_val = resume_state.get("base_val_loss") if resume_state else evaluate()["val_loss"]
+    if resume_state is None:
+        log(f"base model: val loss {base_val:.4f}, ppl {math.exp(base_val):.2f} "
+            "(assistant turns of the validation conversations)")
     loop = TrainLoop(
         cfg, model=model, raw_model=raw_model, optimizers=optimizers, batches=batches,
-        evaluate=chat_validation(raw_model, val_examples, micro_tokens, device, amp_dtype),
-        eval_tokens=val_tokens, device=device, amp_dtype=amp_dtype, dist=dist_info,
+        evaluate=evaluate, eval_tokens=val_tokens, device=device, amp_dtype=amp_dtype, dist=dist_info,
         resume_state=resume_state, patience=stage.patience or None,
         checkpoint_facts={
             "model_config": model_cfg.to_dict(), "train_config": cfg.to_dict(),
             "tokenizer_hash": tokenizer.hash,
             "optimizers": [type(o).__name__ for o in optimizers],
-            "finetune": record,
+            "finetune": record, "base_val_loss": base_val,
         },
     )
     end_reason = loop.run()
@@ -297,7 +302,7 @@ def _finetune(stage: FinetuneConfig, explicit: dict[str, Any], device: torch.dev
     if loop.step < loop.max_steps and not end_reason.startswith("early stop"):
         log(f"continue: python finetune.py --run-dir {run_dir} --resume")
     log(f"chat with it: python chat.py --run {run_dir}")
-    return {**summary, "base_run": base_run}
+    return {**summary, "base_run": base_run, "base_val_loss": base_val}
 
 
 def _newest_pretraining_run() -> Path:
