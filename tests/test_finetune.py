@@ -395,7 +395,7 @@ def test_bad_input_is_one_line_and_leaves_no_run_folder(setup, tmp_path, make_ar
 
 def test_bad_input_exits_2_from_the_command_line(tmp_path):
     done = subprocess.run([sys.executable, str(REPO / "finetune.py"), "--from", "nowhere"],
-                          cwd=tmp_path, capture_output=True, timeout=120)
+                          cwd=tmp_path, capture_output=True, timeout=300)
     assert done.returncode == 2 and done.stderr.decode().count("\n") == 1
     assert b"nowhere does not exist" in done.stderr and not (tmp_path / "runs").exists()
 
