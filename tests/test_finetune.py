@@ -352,6 +352,18 @@ def test_default_base_is_the_newest_pretraining_run_and_train_resume_skips_sft(s
         shutil.rmtree(sft)
 
 
+def test_dailydialog_defaults_to_the_release_the_base_data_came_from(setup, tmp_path):
+    from src.training.finetune import recorded_dailydialog_dir
+
+    _, _, dd = setup
+    train = dd / "dailydialog" / "train" / "dialogues_train.txt"
+    meta = {"sources": {"dailydialog": {"origin": "local", "inputs": {"train": [{"path": str(train)}]}}}}
+    assert recorded_dailydialog_dir(meta) == str(dd / "dailydialog")
+    meta["sources"]["dailydialog"]["inputs"]["train"][0]["path"] = str(tmp_path / "gone.txt")
+    assert recorded_dailydialog_dir(meta) is None  # moved away: the Hub, as prepare_data
+    assert recorded_dailydialog_dir({"sources": {"dailydialog": {"origin": "hub"}}}) is None
+
+
 # ---------------------------------------------------------------------------------------------
 # Bad input: one line, exit 2, no run folder
 

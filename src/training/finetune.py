@@ -6,7 +6,8 @@ order, with every check of the inputs done before the run folder is created:
   1. device, processes (torchrun -> DDP / FSDP2), as pretraining
   2. the base run (``--from``; default: the newest pretraining run) and its best checkpoint,
      tokenizer and data meta; or, with ``--resume``, the fine-tuned run's own records
-  3. data: DailyDialog train dialogues (``--data-dir`` or the Hub), or ``--data FILE.jsonl``
+  3. data: DailyDialog train dialogues (``--data-dir``, else the release the base run's data
+     was prepared from, else the Hub), or ``--data FILE.jsonl``
      (src/data/conversations.py), rendered by the chat template and cut into examples; the
      validation conversations (DailyDialog validation, ``--val-data``, or the last tenth of
      ``--data``)
@@ -89,7 +90,7 @@ class FinetuneConfig:
     base: str | None = None  # --from: the pretrained run (None: the newest pretraining run)
     data: str | None = None  # JSONL conversations (None: DailyDialog train)
     val_data: str | None = None  # JSONL validation conversations
-    data_dir: str | None = None  # local DailyDialog release (None: the Hugging Face Hub)
+    data_dir: str | None = None  # local DailyDialog release (None: the base's, else the Hub)
     speakers: str = "second"  # DailyDialog: the second speaker is the assistant, or both are
     epochs: float = 1.0  # the schedule's length in passes over the data (unless --max-steps)
     eval_dialogues: int = 200  # DailyDialog validation dialogues scored at each evaluation
@@ -126,7 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val-data", metavar="FILE.jsonl", help="validation conversations for "
                    f"--data (default: its last 1/{VAL_SHARE})")
     p.add_argument("--data-dir", metavar="DIR", help="local DailyDialog release (e.g. "
-                   "../shared/data); default: the Hugging Face Hub")
+                   "../shared/data); default: the one the base run's data was prepared from, "
+                   "else the Hugging Face Hub")
     p.add_argument("--speakers", choices=SPEAKERS, help="DailyDialog: the assistant is the "
                    f"second speaker, or each speaker in turn (default: {stage.speakers})")
     p.add_argument("--epochs", type=float, help="length of the schedule in passes over the data, "
@@ -213,6 +215,8 @@ def _finetune(stage: FinetuneConfig, explicit: dict[str, Any], device: torch.dev
 
     # ---- 3. data ----------------------------------------------------------------------------
     detokenize = bool(meta.get("detokenized", True))
+    if not stage.data and not stage.data_dir:
+        stage.data_dir = recorded_dailydialog_dir(meta)  # where the base run's data came from
     train_convs, val_convs, data_record = load_conversations(stage, detokenize)
     T = model_cfg.context_length
     train_examples = encode_examples(tokenizer, train_convs, T)
@@ -372,6 +376,17 @@ def load_conversations(stage: FinetuneConfig, detokenize: bool
     record.update(conversations=len(train), speakers=stage.speakers, detokenized=detokenize,
                   validation={"split": "validation", "first_dialogues": len(val)})
     return train, val, record
+
+
+def recorded_dailydialog_dir(meta: dict[str, Any]) -> str | None:
+    """The local DailyDialog release the base run's data was prepared from (its data meta.json
+    records the files), if it is still there; None: the Hub, as prepare_data.py."""
+    dailydialog = meta.get("sources", {}).get("dailydialog", {})
+    if not isinstance(dailydialog, dict) or dailydialog.get("origin") != "local":
+        return None
+    train_files = dailydialog.get("inputs", {}).get("train") or [{}]
+    path = Path(str(train_files[0].get("path", "")))  # <dir>/train/dialogues_train.txt
+    return str(path.parent.parent) if path.is_file() else None
 
 
 def sample_reply(model: torch.nn.Module, tokenizer: Any, message: str, max_tokens: int,
