@@ -46,9 +46,10 @@ def main() -> None:
 
     dialogues = read_dailydialog(args.data_dir, "validation")[: args.dialogues]
     settings = dataclasses.replace(CHAT_DEFAULTS, max_new_tokens=args.max_tokens)
-    replies = {}
+    replies, steps = {}, {}
     for name, run in (("base", args.base), ("finetuned", args.finetuned)):
-        model, tokenizer, _ = load_model(run)
+        model, tokenizer, info = load_model(run)
+        steps[name] = info["step"]
         replies[name] = [
             ChatSession(model, tokenizer, settings, seed=args.seed)
             .reply(detokenize_dailydialog(d[0])).text
@@ -57,7 +58,8 @@ def main() -> None:
     lines = [
         "# Base vs fine-tuned replies",
         "",
-        f"Base run `{args.base}`, fine-tuned run `{args.finetuned}`. Each model answers the "
+        f"Base run `{args.base}` (step {steps['base']}), fine-tuned run `{args.finetuned}` "
+        f"(step {steps['finetuned']} of fine-tuning). Each model answers the "
         f"first utterance of each of the first {len(dialogues)} DailyDialog validation "
         f"dialogues as a chat message (chat.py's sampling: temperature "
         f"{settings.temperature}, top-p {settings.top_p}; seed {args.seed} per dialogue; at "
