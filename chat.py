@@ -1,6 +1,7 @@
 """Talk to a trained model.
 
     python chat.py                      # the newest fine-tuned run under runs/, else the newest run
+                                        # (says on stderr which run it loaded)
     python chat.py --run runs/small --temperature 0.7
     echo "Hello, how are you?" | python chat.py --run runs/small
 

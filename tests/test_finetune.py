@@ -33,7 +33,8 @@ QUIET = ["--device", "cpu", "--dtype", "fp32", "--no-progress", "--no-plot", "--
 def write_dailydialog(root: Path, seed: int = 0) -> Path:
     """A tiny DailyDialog release (train and validation) of simple English utterances."""
     rng = random.Random(seed)
-    sentences = [s.strip() + "." for doc in tiny_corpus(60, seed) for s in doc.split(".") if s.strip()]
+    sentences = [s.strip() + "." for doc in tiny_corpus(60, seed)
+                 for s in doc.split(".") if s.strip()]
     for split, n in (("train", 60), ("validation", 12)):
         folder = root / "dailydialog" / split
         folder.mkdir(parents=True)
@@ -89,8 +90,9 @@ def msgs(*pairs: tuple[str, str]) -> dict:
 
 
 def test_jsonl_conversations_are_read_as_turns(tmp_path):
-    path = write_jsonl(tmp_path / "c.jsonl", [msgs(("user", "Hi"), ("assistant", "Hello.")), "",
-                                              msgs(("user", "a"), ("assistant", "b"), ("user", "c"))])
+    path = write_jsonl(tmp_path / "c.jsonl", [
+        msgs(("user", "Hi"), ("assistant", "Hello.")), "",
+        msgs(("user", "a"), ("assistant", "b"), ("user", "c"))])
     assert read_chat_jsonl(path) == [
         [Turn("user", "Hi"), Turn("assistant", "Hello.")],
         [Turn("user", "a"), Turn("assistant", "b"), Turn("user", "c")],
@@ -262,7 +264,8 @@ def test_finetune_lowers_assistant_loss_and_makes_an_ordinary_run(setup, monkeyp
     losses = {}
     for name, path in (("base", base), ("sft", run)):
         model, _, _ = reader.load_model(path)
-        losses[name] = chat_validation(model, examples, 256, torch.device("cpu"), None)()["val_loss"]
+        evaluate = chat_validation(model, examples, 256, torch.device("cpu"), None)
+        losses[name] = evaluate()["val_loss"]
     assert losses["sft"] < losses["base"] - 0.05
 
     # chat.py without --run picks the fine-tuned run and says so (one line on stderr).
@@ -357,7 +360,8 @@ def test_dailydialog_defaults_to_the_release_the_base_data_came_from(setup, tmp_
 
     _, _, dd = setup
     train = dd / "dailydialog" / "train" / "dialogues_train.txt"
-    meta = {"sources": {"dailydialog": {"origin": "local", "inputs": {"train": [{"path": str(train)}]}}}}
+    inputs = {"train": [{"path": str(train)}]}
+    meta = {"sources": {"dailydialog": {"origin": "local", "inputs": inputs}}}
     assert recorded_dailydialog_dir(meta) == str(dd / "dailydialog")
     meta["sources"]["dailydialog"]["inputs"]["train"][0]["path"] = str(tmp_path / "gone.txt")
     assert recorded_dailydialog_dir(meta) is None  # moved away: the Hub, as prepare_data

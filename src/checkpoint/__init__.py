@@ -33,9 +33,9 @@ from src.checkpoint.weights import (
 )
 
 __all__ = [
-    "CHECKPOINTS", "FINETUNE_FILE", "FORMAT_VERSION", "TRAIN_HINT", "best_checkpoint", "checkpoint_name",
-    "is_complete", "is_finetuned", "latest_checkpoint", "list_checkpoints", "load_model", "load_run_tokenizer",
-    "newest_run", "publish_checkpoint", "read_pointer", "read_state", "read_weights",
+    "CHECKPOINTS", "FINETUNE_FILE", "FORMAT_VERSION", "TRAIN_HINT", "best_checkpoint",
+    "checkpoint_name", "is_complete", "is_finetuned", "latest_checkpoint", "list_checkpoints",
+    "load_model", "load_run_tokenizer", "newest_run", "publish_checkpoint", "read_pointer", "read_state", "read_weights",
     "resolve_checkpoint", "run_dir_of", "save_model_checkpoint", "save_tensors", "split_shared",
     "start_checkpoint", "temporary_checkpoint_dir", "write_state", "write_weights",
 ]

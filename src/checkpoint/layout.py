@@ -6,7 +6,7 @@ A run folder looks like::
         config.json          resolved training config          (written by the trainer)
         tokenizer.json       copy of the data's tokenizer, so the run is self-contained
         data_meta.json       copy of the data's meta.json (tokenizer hash, byte counts, ...)
-        finetune.json        only in a fine-tuned run: its base run and data (src/training/finetune.py)
+        finetune.json        a fine-tuned run's base run and data (src/training/finetune.py)
         metrics.jsonl        one JSON line per optimiser step / evaluation
         checkpoints/
             latest           text file: name of the newest complete checkpoint

@@ -175,7 +175,8 @@ def chat_validation(model: torch.nn.Module, examples: list[Example], tokens_per_
         nll, count = 0.0, 0
         try:
             for batch in batches:
-                x, y = (t.to(device) for t in scored_targets(pad_batch([examples[i] for i in batch])))
+                padded = pad_batch([examples[i] for i in batch])
+                x, y = (t.to(device) for t in scored_targets(padded))
                 with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                     _, loss = model(x, y)
                 n = int((y != IGNORE_INDEX).sum())

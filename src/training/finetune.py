@@ -98,7 +98,8 @@ class FinetuneConfig:
 
     def validate(self) -> None:
         if self.speakers not in SPEAKERS:
-            raise UserError(f"--speakers must be one of {', '.join(SPEAKERS)}, got {self.speakers!r}")
+            raise UserError(f"--speakers must be one of {', '.join(SPEAKERS)}, "
+                            f"got {self.speakers!r}")
         if not (math.isfinite(self.epochs) and self.epochs > 0):
             raise UserError(f"--epochs must be a positive number, got {self.epochs}")
         if self.eval_dialogues < 1:
@@ -106,7 +107,8 @@ class FinetuneConfig:
         if self.patience < 0:
             raise UserError(f"--patience must be >= 0, got {self.patience}")
         if self.val_data and not self.data:
-            raise UserError("--val-data goes with --data (DailyDialog has its own validation split)")
+            raise UserError("--val-data goes with --data (DailyDialog has its own validation "
+                            "split)")
 
 
 # ---- the command line ------------------------------------------------------------------------
@@ -132,7 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--speakers", choices=SPEAKERS, help="DailyDialog: the assistant is the "
                    f"second speaker, or each speaker in turn (default: {stage.speakers})")
     p.add_argument("--epochs", type=float, help="length of the schedule in passes over the data, "
-                   f"unless --max-steps (default: {stage.epochs}; the time budget may end it sooner)")
+                   f"unless --max-steps (default: {stage.epochs}; the time budget may end it "
+                   "sooner)")
     p.add_argument("--eval-dialogues", type=int, help="validation conversations scored at each "
                    f"evaluation (default: {stage.eval_dialogues})")
     p.add_argument("--patience", type=int, help="stop after this many evaluations without a "
@@ -286,7 +289,8 @@ def _finetune(stage: FinetuneConfig, explicit: dict[str, Any], device: torch.dev
             "(assistant turns of the validation conversations)")
     loop = TrainLoop(
         cfg, model=model, raw_model=raw_model, optimizers=optimizers, batches=batches,
-        evaluate=evaluate, eval_tokens=val_tokens, device=device, amp_dtype=amp_dtype, dist=dist_info,
+        evaluate=evaluate, eval_tokens=val_tokens, device=device, amp_dtype=amp_dtype,
+        dist=dist_info,
         resume_state=resume_state, patience=stage.patience or None,
         checkpoint_facts={
             "model_config": model_cfg.to_dict(), "train_config": cfg.to_dict(),

@@ -56,8 +56,8 @@ def default_run_dir(cfg: TrainConfig, resume: bool) -> Path:
     """runs/<preset>-<timestamp>; with --resume, the newest existing runs/<preset>-* instead
     (fine-tuned runs, runs/<base>-sft-<time>, are not pretraining runs to resume)."""
     if resume:
-        runs = sorted((p for p in Path("runs").glob(f"{cfg.preset}-*") if not reader.is_finetuned(p)),
-                      key=lambda p: p.stat().st_mtime)
+        pretraining = (p for p in Path("runs").glob(f"{cfg.preset}-*") if not reader.is_finetuned(p))
+        runs = sorted(pretraining, key=lambda p: p.stat().st_mtime)
         if runs:
             return runs[-1]
     return Path("runs") / f"{cfg.preset}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
