@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import random
 import shutil
 import subprocess
@@ -60,15 +61,12 @@ def tokenizer(setup):
 
 
 def run_finetune(root: Path, *args: str) -> dict:
-    import finetune as cli
+    """``python finetune.py ARGS`` (quiet, tiny settings) run in ``root``; its summary."""
     from src.training.finetune import finetune, parse_args
 
-    assert cli.main is not None  # the entry script is importable
     cwd = Path.cwd()
+    os.chdir(root)
     try:
-        import os
-
-        os.chdir(root)
         stage, explicit = parse_args([*QUIET, *args])
         return finetune(stage, explicit)
     finally:
@@ -338,7 +336,6 @@ def test_default_base_is_the_newest_pretraining_run_and_train_resume_skips_sft(s
     sft = root / "runs" / "base-sft-x"
     shutil.copytree(base, sft)
     (sft / reader.FINETUNE_FILE).write_text("{}")
-    import os
     import time
 
     newest = time.time() + 60  # newer than any other run of this module
