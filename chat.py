@@ -1,6 +1,7 @@
 """Talk to a trained model.
 
-    python chat.py                      # the newest run under runs/, its best checkpoint
+    python chat.py                      # the newest fine-tuned run under runs/, else the newest run,
+                                        # its best checkpoint (says on stderr which it loaded)
     python chat.py --run runs/small --checkpoint latest   # or best, or a step number
     python chat.py --run runs/small --temperature 0.7
     echo "Hello, how are you?" | python chat.py --run runs/small
@@ -94,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = settings_from_args(args, args.max_tokens, max_tokens_flag="--max-tokens")
 
     interactive = sys.stdin.isatty()
-    model, tokenizer, info = load_model_from_args(args)
+    model, tokenizer, info = load_model_from_args(args, prefer_finetuned=True)
     session = ChatSession(model, tokenizer, settings, seed=args.seed)
     # Stdout carries only replies when piped; everything else goes to stderr then.
     talk = sys.stdout if interactive else sys.stderr

@@ -4,12 +4,14 @@ RNG, distributed state dicts, rotation) is added on top by src/training/checkpoi
 
 from src.checkpoint.layout import (
     CHECKPOINTS,
+    FINETUNE_FILE,
     TRAIN_HINT,
     best_checkpoint,
     checkpoint_from_args,
     checkpoint_name,
     find_checkpoint,
     is_complete,
+    is_finetuned,
     latest_checkpoint,
     list_checkpoints,
     newest_run,
@@ -35,9 +37,9 @@ from src.checkpoint.weights import (
 )
 
 __all__ = [
-    "CHECKPOINTS", "describe_loaded", "FORMAT_VERSION", "TRAIN_HINT", "barely_trained", "best_checkpoint",
-    "checkpoint_from_args", "checkpoint_name",
-    "checkpoint_problem", "find_checkpoint", "is_complete", "latest_checkpoint",
+    "CHECKPOINTS", "FINETUNE_FILE", "FORMAT_VERSION", "TRAIN_HINT", "barely_trained",
+    "best_checkpoint", "checkpoint_from_args", "checkpoint_name", "checkpoint_problem",
+    "describe_loaded", "find_checkpoint", "is_complete", "is_finetuned", "latest_checkpoint",
     "list_checkpoints", "load_model", "load_run_tokenizer", "newest_run", "publish_checkpoint",
     "read_pointer", "read_state", "read_weights", "resolve_checkpoint", "resume_checkpoint",
     "run_dir_of", "save_model_checkpoint", "save_tensors", "split_shared", "start_checkpoint",

@@ -6,6 +6,7 @@ A run folder looks like::
         config.json          resolved training config          (written by the trainer)
         tokenizer.json       copy of the data's tokenizer, so the run is self-contained
         data_meta.json       copy of the data's meta.json (tokenizer hash, byte counts, ...)
+        finetune.json        a fine-tuned run's base run and data (src/training/finetune.py)
         metrics.jsonl        one JSON line per optimiser step / evaluation
         checkpoints/
             latest           text file: name of the newest complete checkpoint
@@ -45,6 +46,7 @@ from src.utils.atomic import fsync_dir, write_text_atomic
 from src.utils.cli import UserError
 
 CHECKPOINTS = "checkpoints"
+FINETUNE_FILE = "finetune.json"
 TRAIN_HINT = "train one with `python train.py` (see `python train.py --help`)"
 RESTORE_HINT = "restore the run folder from a copy, or train again with `python train.py`"
 
@@ -146,11 +148,18 @@ def find_checkpoint(
     raise UserError(f"no intact checkpoint in {root}: {bad.name}: {what}{more}; {RESTORE_HINT}")
 
 
-def newest_run(runs: Path) -> Path | None:
-    """The run under ``runs`` whose loadable checkpoint (best, else latest) is newest."""
+
+def is_finetuned(run_dir: str | Path) -> bool:
+    """Whether a run is a fine-tuning stage on top of another run (it has finetune.json)."""
+    return (Path(run_dir) / FINETUNE_FILE).is_file()
+
+
+def newest_run(runs: Path, where: Callable[[Path], bool] | None = None) -> Path | None:
+    """The run under ``runs`` whose loadable checkpoint (best, else latest) is newest; with
+    ``where``, the newest of the runs it accepts (e.g. :func:`is_finetuned`)."""
     candidates = []
     for run in runs.iterdir() if runs.is_dir() else ():
-        if not run.is_dir():
+        if not run.is_dir() or (where is not None and not where(run)):
             continue
         ckpt = best_checkpoint(run) or latest_checkpoint(run)
         if ckpt is not None:

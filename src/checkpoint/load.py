@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from src.checkpoint.layout import read_state, resolve_checkpoint, run_dir_of
+from src.checkpoint.layout import is_finetuned, read_state, resolve_checkpoint, run_dir_of
 from src.checkpoint.weights import WEIGHTS_FILE, read_weights
 from src.model.gpt import GPT, GPTConfig
 from src.tokenizer.bpe import BPETokenizer
@@ -84,10 +84,13 @@ BARELY_TRAINED_VAL_LOSS = 6.5
 
 
 def describe_loaded(info: dict[str, Any]) -> str:
-    """One line naming what :func:`load_model` loaded: run, checkpoint, step, validation loss."""
+    """One line naming what :func:`load_model` loaded: run (and whether it is fine-tuned),
+    checkpoint, step, validation loss."""
     val = info.get("val_loss") if info.get("val_loss") is not None else info.get("best_val_loss")
     loss = f", val loss {val:.3f}" if val is not None else ""
-    return f"loaded {info['run_dir']}, checkpoint {info['checkpoint'].name} (step {info['step']}{loss})"
+    kind = "fine-tuned run " if is_finetuned(info["run_dir"]) else ""
+    return (f"loaded {kind}{info['run_dir']}, checkpoint {info['checkpoint'].name} "
+            f"(step {info['step']}{loss})")
 
 
 def barely_trained(info: dict[str, Any]) -> str | None:

@@ -27,7 +27,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo root
 
 
-from src.checkpoint import barely_trained, checkpoint_from_args, describe_loaded, load_model
+from src.checkpoint import (
+    barely_trained,
+    checkpoint_from_args,
+    describe_loaded,
+    is_finetuned,
+    load_model,
+    newest_run,
+)
 from src.infer.sampling import (
     TEXT_DEFAULTS,
     UNKNOWN_WORD,
@@ -77,19 +84,28 @@ def add_loading_args(parser: argparse.ArgumentParser) -> None:
                              "before loading (sizes and formats are always checked)")
 
 
-def load_model_from_args(args: argparse.Namespace):
+def load_model_from_args(args: argparse.Namespace, *, prefer_finetuned: bool = False):
     """(model, tokenizer, info) from --run/--checkpoint (default: the newest run's best
     checkpoint; a damaged one is skipped for the newest intact one) on --device; safetensors
-    only; SHA-256s checked with --verify. Says on stderr which run and checkpoint it loaded
-    (one line), and warns when that run is barely trained: without --run the newest run is
-    taken, which may be a two-step test run."""
-    ckpt = checkpoint_from_args(args.run, args.checkpoint, verify=getattr(args, "verify", False))
+    only; SHA-256s checked with --verify. ``prefer_finetuned`` (chat.py): without --run, the
+    newest fine-tuned run when there is one, as a chat model is what a chat wants. Says on
+    stderr which run and checkpoint it loaded (one line), and warns when that run is barely
+    trained: without --run the newest run is taken, which may be a two-step test run."""
+    run = args.run
+    if run is None and prefer_finetuned and not _is_checkpoint_path(args.checkpoint):
+        run = newest_run(Path("runs"), where=is_finetuned)
+    ckpt = checkpoint_from_args(run, args.checkpoint, verify=getattr(args, "verify", False))
     model, tokenizer, info = load_model(ckpt, device=pick_device(args.device))
     print(describe_loaded(info), file=sys.stderr, flush=True)
     warning = barely_trained(info)
     if warning:
         print(f"warning: {warning}", file=sys.stderr, flush=True)
     return model, tokenizer, info
+
+
+def _is_checkpoint_path(checkpoint: str | None) -> bool:
+    """Whether --checkpoint names a folder (rather than best, latest or a step)."""
+    return bool(checkpoint) and not (checkpoint in ("best", "latest") or checkpoint.isdigit())
 
 
 def settings_from_args(

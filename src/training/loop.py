@@ -131,8 +131,10 @@ class TrainLoop:
     logged too); ``eval_tokens`` is how many tokens it scores (the time budget's estimate of
     its cost). ``checkpoint_facts`` go into every checkpoint's state.json as they are.
     ``resume_state``: the state of the checkpoint to continue from, whose weights, optimiser
-    and RNG are already loaded (``checkpoint.load_checkpoint``). ``loss_hook(step, loss)`` lets
-    tests alter a step's loss (e.g. inject a NaN).
+    and RNG are already loaded (``checkpoint.load_checkpoint``). ``patience``: stop once that
+    many evaluations in a row brought no new best validation loss (None: never); the best
+    checkpoint is what ``load_model`` then loads. ``loss_hook(step, loss)`` lets tests alter a
+    step's loss (e.g. inject a NaN).
     """
 
     def __init__(

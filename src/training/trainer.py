@@ -59,9 +59,11 @@ from src.utils.integrity import file_problem
 
 
 def default_run_dir(cfg: TrainConfig, resume: bool) -> Path:
-    """runs/<preset>-<timestamp>; with --resume, the newest existing runs/<preset>-* instead."""
+    """runs/<preset>-<timestamp>; with --resume, the newest existing runs/<preset>-* instead
+    (fine-tuned runs, runs/<base>-sft-<time>, are not pretraining runs to resume)."""
     if resume:
-        runs = sorted(Path("runs").glob(f"{cfg.preset}-*"), key=lambda p: p.stat().st_mtime)
+        pretraining = (p for p in Path("runs").glob(f"{cfg.preset}-*") if not reader.is_finetuned(p))
+        runs = sorted(pretraining, key=lambda p: p.stat().st_mtime)
         if runs:
             return runs[-1]
     return Path("runs") / f"{cfg.preset}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
@@ -152,12 +154,7 @@ def train(
 
 def _train(cfg: TrainConfig, device: torch.device, dist_info: DistInfo, loss_hook) -> dict[str, Any]:
     log = print if dist_info.is_main else (lambda *a, **k: None)
-    amp_dtype = pick_dtype(cfg.dtype, device)
-    if amp_dtype == torch.bfloat16 and device.type == "cpu" and not cpu_has_fast_bf16():
-        log("warning: this CPU has no native bf16 matmuls; --dtype bf16 will be far slower than fp32")
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    amp_dtype = setup_precision(cfg, device, log)
 
     # ---- 2. data ---------------------------------------------------------------------------
     data_dir = Path(cfg.data)
@@ -189,12 +186,7 @@ def _train(cfg: TrainConfig, device: torch.device, dist_info: DistInfo, loss_hoo
     T = model_cfg.context_length
     # After init, each rank draws its own dropout masks.
     torch.manual_seed(cfg.seed + dist_info.rank)
-    model = wrap_model(raw_model, dist_info, device, fsdp=cfg.fsdp)
-    optimizers = build_optimizers(raw_model, cfg)
-    if cfg.compile and device.type == "cpu" and not shutil.which(os.environ.get("CXX", "g++")):
-        log("note: no C++ compiler found (torch.compile needs one on CPU): training uncompiled")
-    elif cfg.compile:
-        model = torch.compile(model)
+    model, optimizers = prepare_model(raw_model, cfg, dist_info, device, log)
 
     world_tokens = cfg.batch_size * T * dist_info.world_size
     grad_accum = max(1, round(cfg.tokens_per_step / world_tokens))
@@ -249,23 +241,60 @@ def _train(cfg: TrainConfig, device: torch.device, dist_info: DistInfo, loss_hoo
                 "end_reason": end_reason, "max_steps": loop.max_steps}
 
     # ---- 7. summary --------------------------------------------------------------------------
+    summary = summarize(loop, end_reason, log)
+    stopping = end_reason.startswith("interrupted")  # the user is waiting: no sample then
+    if (dist_info.is_main and cfg.sample_tokens and loop.step > loop.start_step and not cfg.fsdp
+            and not stopping):
+        log(f"sample: {sample_text(raw_model, tokenizer, cfg.sample_tokens, device)!r}")
+    log(f"saved to {run_dir}")
+    if loop.step < loop.max_steps and not loop.stopped_early:
+        log(f"continue: python train.py --run-dir {run_dir} --resume")
+    log(f"chat with it: python chat.py --run {run_dir}")
+    return summary
+
+
+# ---- set-up and summary pieces shared with fine-tuning (src/training/finetune.py) ------------
+
+
+def setup_precision(cfg: TrainConfig, device: torch.device,
+                    log: Callable[..., None]) -> torch.dtype | None:
+    """The autocast dtype of ``cfg.dtype`` on ``device`` (None: fp32), with a warning where bf16
+    would be emulated; TF32 matmuls on CUDA."""
+    amp_dtype = pick_dtype(cfg.dtype, device)
+    if amp_dtype == torch.bfloat16 and device.type == "cpu" and not cpu_has_fast_bf16():
+        log("warning: this CPU has no native bf16 matmuls; --dtype bf16 will be far slower than fp32")
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    return amp_dtype
+
+
+def prepare_model(raw_model: torch.nn.Module, cfg: TrainConfig, dist_info: DistInfo,
+                  device: torch.device, log: Callable[..., None]
+                  ) -> tuple[torch.nn.Module, list[torch.optim.Optimizer]]:
+    """``(model the forward pass runs, optimisers)``: ``raw_model`` wrapped for DDP / FSDP2
+    under torchrun and compiled when ``cfg.compile`` (and a C++ compiler is at hand)."""
+    model = wrap_model(raw_model, dist_info, device, fsdp=cfg.fsdp)
+    optimizers = build_optimizers(raw_model, cfg)
+    if cfg.compile and device.type == "cpu" and not shutil.which(os.environ.get("CXX", "g++")):
+        log("note: no C++ compiler found (torch.compile needs one on CPU): training uncompiled")
+    elif cfg.compile:
+        model = torch.compile(model)
+    return model, optimizers
+
+
+def summarize(loop: TrainLoop, end_reason: str, log: Callable[..., None]) -> dict[str, Any]:
+    """Log how a run ended (steps, losses, speed); returns the summary ``train`` returns."""
     step, max_steps, best_val = loop.step, loop.max_steps, loop.best_val
     seconds = time.time() - loop.t_start
     done_steps = step - loop.start_step
     best_text = f"{best_val:.4f}" if math.isfinite(best_val) else "n/a (no evaluation yet)"
-    epochs = batches.epoch
+    epochs = loop.batches.epoch
     log(f"{end_reason}: step {step}/{max_steps}, last loss {loop.last_loss:.4f}, best val loss "
         f"{best_text}; {done_steps} steps in {seconds / 60:.1f} min "
-        f"({done_steps * tokens_per_step / max(seconds, 1e-9):,.0f} tokens/s); "
+        f"({done_steps * loop.tokens_per_step / max(seconds, 1e-9):,.0f} tokens/s); "
         f"{epochs:.2f} epochs of the training data seen")
-    stopping = end_reason.startswith("interrupted")  # the user is waiting: no sample then
-    if dist_info.is_main and cfg.sample_tokens and done_steps and not cfg.fsdp and not stopping:
-        log(f"sample: {sample_text(raw_model, tokenizer, cfg.sample_tokens, device)!r}")
-    log(f"saved to {run_dir}")
-    if step < max_steps and not loop.stopped_early:
-        log(f"continue: python train.py --run-dir {run_dir} --resume")
-    log(f"chat with it: python chat.py --run {run_dir}")
-    return {"run_dir": run_dir, "step": step, "best_val_loss": best_val,
+    return {"run_dir": loop.run_dir, "step": step, "best_val_loss": best_val,
             "last_loss": loop.last_loss, "end_reason": end_reason, "max_steps": max_steps,
             "epochs": epochs}
 
