@@ -5,11 +5,15 @@
     GET  /v1/models             the one model served (the run's folder name)
     POST /v1/chat/completions   OpenAI's chat completions, streaming or not (with logprobs)
     POST /v1/completions        OpenAI's (legacy) text completions, streaming or not
+    POST /v1/internals/attention  our extension: a text's tokens, attention maps and next
+                                token distribution (``src.infer.internals.attention_maps``)
 
 Each request's choices go to the engine as separate sequences; their updates come back from
 the engine's thread through a ``Mailbox`` into the request's asyncio queue. A client that
 disconnects is noticed at once (a watcher puts ``GONE`` in its queue) and its requests are
-cancelled: their slots free at the next step. Errors are OpenAI's JSON (see ``protocol.APIError``); a bad request is refused
+cancelled: their slots free at the next step. The attention maps run in the engine's thread
+between two steps (``Engine.call``): ``record_attention`` changes the model while it is on,
+so it must never overlap a step's forward pass. Errors are OpenAI's JSON (see ``protocol.APIError``); a bad request is refused
 before it reaches the engine, so it never disturbs the others.
 """
 
@@ -25,11 +29,12 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from src.infer.engine import Engine, QueueFullError, TokenLogprob, Update
+from src.infer.internals import attention_maps
 from src.serve.protocol import (
     APIError,
     CompletionLogprobs,
@@ -38,6 +43,7 @@ from src.serve.protocol import (
     new_id,
     now,
     openai_finish_reason,
+    parse_attention_request,
     parse_request,
     usage,
 )
@@ -180,6 +186,31 @@ def create_app(engine: Engine, model_name: str, *, api_key: str | None = None,
         check_key(request)
         parsed = parse_request(await read_json(request), "completions", engine, model_name)
         return await answer(request, parsed, chat=False)
+
+    @app.post("/v1/internals/attention")
+    async def attention(request: Request) -> Response:
+        check_key(request)
+        parsed = parse_attention_request(await read_json(request), model_name)
+
+        def inspect() -> dict:  # in the engine's thread, between two steps
+            return attention_maps(engine.model, engine.tokenizer, text=parsed.text,
+                                  messages=parsed.messages, max_tokens=parsed.max_tokens,
+                                  decimals=parsed.decimals).to_dict()
+
+        try:
+            maps = await asyncio.wrap_future(engine.call(inspect))
+        except RuntimeError:
+            if not engine.stopping:
+                raise  # a real failure: a 500
+            raise APIError(503, "The server is shutting down.", type="server_error",
+                           code="server_shutting_down") from None
+        except ValueError as exc:  # too many tokens for the limit or the context
+            raise APIError(400, f"{exc}.", param="text" if parsed.text is not None
+                           else "messages", code="invalid_value") from None
+        # The weights are up to layers * heads * 256^2 numbers: encode them off the loop.
+        content = await asyncio.to_thread(json.dumps, {"object": "attention_maps",
+                                                       "model": model_name, **maps})
+        return Response(content, media_type="application/json")
 
     async def answer(request: Request, parsed: ParsedRequest, chat: bool):
         loop = asyncio.get_running_loop()
