@@ -207,9 +207,7 @@ def create_app(engine: Engine, model_name: str, *, api_key: str | None = None,
         except ValueError as exc:  # too many tokens for the limit or the context
             raise APIError(400, f"{exc}.", param="text" if parsed.text is not None
                            else "messages", code="invalid_value") from None
-        # The weights are up to layers * heads * 256^2 numbers: encode them off the loop.
-        content = await asyncio.to_thread(json.dumps, {"object": "attention_maps",
-                                                       "model": model_name, **maps})
+        content = await asyncio.to_thread(_attention_json, model_name, maps)
         return Response(content, media_type="application/json")
 
     async def answer(request: Request, parsed: ParsedRequest, chat: bool):
@@ -297,6 +295,18 @@ async def _updates(request: Request, queue: asyncio.Queue,
             yield index, update
     finally:
         watcher.cancel()
+
+
+def _attention_json(model_name: str, maps: dict) -> str:
+    """The attention endpoint's body. The weights are up to layers * heads * 256^2 numbers
+    (5 MB of JSON for the small preset): encoded off the event loop, and one head at a time,
+    because one ``json.dumps`` call holds the GIL throughout and would stall the engine's
+    thread (every stream's next token) for the whole encoding."""
+    layers = ",".join("[" + ",".join(json.dumps(head) for head in layer) + "]"
+                      for layer in maps["attention"])
+    rest = json.dumps({"object": "attention_maps", "model": model_name, "tokens": maps["tokens"],
+                       "next_tokens": maps["next_tokens"]})
+    return rest[:-1] + ', "attention": [' + layers + "]}"
 
 
 def _sse(obj: dict) -> str:
