@@ -329,15 +329,34 @@ def test_inspect_view_shows_tokens_attention_map_and_next_tokens(browser, unsure
     page = browser
     page.get(unsure_server.base_url + "/")
     wait_for(lambda: by_id(page, "model-name").text == "scripted")
+    page.execute_script(RECORD_FETCH)
+    set_setting(page, "max-tokens", "3")
+    by_id(page, "settings-toggle").click()
+    send(page, "Hi")
+    wait_for(lambda: finished(page, 0))
     by_id(page, "inspect-toggle").click()
     assert by_id(page, "inspect").is_displayed() and not by_id(page, "input").is_displayed()
+    # "Use the chat": the conversation so far, as the chat sends it.
+    by_id(page, "inspect-chat").click()
+    wait_for(lambda: len(page.execute_script("return window.__sent")) == 2)
+    chat, inspected = page.execute_script("return window.__sent")
+    reply = replies(page)[0].get_attribute("textContent")
+    assert inspected == {"model": "scripted", "messages": [
+        {"role": "user", "content": "Hi"}, {"role": "assistant", "content": reply}]}
+    wait_for(lambda: page.find_elements("css selector", "#inspect-tokens .itoken"))
+    chat_maps = attention_maps(unsure_server.model, unsure_server.tokenizer,
+                               messages=inspected["messages"])
+    assert [c.get_attribute("textContent") for c in page.find_elements(
+        "css selector", "#inspect-tokens .itoken")] == [label(t["text"]) for t in chat_maps.tokens]
+
     text = SCRIPT_REPLY + " la la la"
     by_id(page, "inspect-text").send_keys(text)
     by_id(page, "inspect-run").click()
-    wait_for(lambda: page.find_elements("css selector", "#next-tokens .alt"))
     maps = attention_maps(unsure_server.model, unsure_server.tokenizer, text=text, decimals=4)
 
     # The tokens as the API gives them (the emoji as four \xNN byte tokens), as text.
+    wait_for(lambda: len(page.find_elements("css selector", "#inspect-tokens .itoken"))
+             == len(maps.tokens))
     chips = page.find_elements("css selector", "#inspect-tokens .itoken")
     assert [c.get_attribute("textContent") for c in chips] == [
         label(t["text"]) for t in maps.tokens]

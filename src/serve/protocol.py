@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from src.infer.engine import Engine, GenerationRequest, TokenLogprob
+from src.infer.internals import DEFAULT_MAX_TOKENS
 from src.infer.sampling import SamplingSettings
 from src.tokenizer.bpe import StreamingDecoder
 from src.tokenizer.chat_template import Turn, encode_chat
@@ -389,7 +390,7 @@ class CompletionLogprobs:
 
 # ------------------------------------------------------------------------ attention maps
 
-MAX_INSPECT_TOKENS = 256  # the longest prompt /v1/internals/attention inspects
+MAX_INSPECT_TOKENS = DEFAULT_MAX_TOKENS  # the longest prompt /v1/internals/attention inspects
 INSPECT_DECIMALS = 4  # default rounding of the attention weights (keeps the JSON small)
 MAX_INSPECT_DECIMALS = 8
 
