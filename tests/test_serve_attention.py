@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import math
 import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
 from src.infer.engine import Engine
 from src.infer.internals import attention_maps
-from src.serve.app import create_app
+from src.serve.app import MAX_PENDING_INSPECTIONS, create_app
 from src.serve.loading import load_served_model
 from tests.fixtures import make_tiny_run
 from tests.serve_support import running_server
@@ -31,7 +33,7 @@ def trained(tmp_path_factory):
     model, tokenizer, _ = load_served_model(str(run_dir), device="cpu")
     engine = Engine(model, tokenizer, max_batch=4)
     with running_server(create_app(engine, "tiny", api_key=KEY), engine) as server:
-        server.model, server.tokenizer = model, tokenizer
+        server.model, server.tokenizer, server.engine = model, tokenizer, engine
         yield server
 
 
@@ -139,4 +141,27 @@ def test_other_errors(trained):
                  "model_not_found")
     assert_error(inspect(trained, {"text": "a"}, key=None), 401, code="missing_api_key")
     assert_error(inspect(trained, {"text": "a"}, key="wrong"), 401, code="invalid_api_key")
+    assert inspect(trained, {"text": "Hi"})[0] == 200
+
+
+def test_a_flood_of_inspections_is_refused_not_queued(trained):
+    engine = trained.engine
+    release = threading.Event()
+    blocked = engine.call(lambda: release.wait(30))  # the engine thread is busy until released
+    try:
+        with ThreadPoolExecutor(MAX_PENDING_INSPECTIONS) as pool:
+            waiting = [pool.submit(inspect, trained, {"text": "Hi"})
+                       for _ in range(MAX_PENDING_INSPECTIONS)]
+            deadline = time.monotonic() + 10
+            while len(engine._calls) < MAX_PENDING_INSPECTIONS:  # all queued for the engine
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
+            error = assert_error(inspect(trained, {"text": "Hi"}), 503,
+                                 code="server_overloaded")
+            assert str(MAX_PENDING_INSPECTIONS) in error["message"]
+            release.set()
+            assert [f.result(30)[0] for f in waiting] == [200] * MAX_PENDING_INSPECTIONS
+    finally:
+        release.set()
+        blocked.result(30)
     assert inspect(trained, {"text": "Hi"})[0] == 200

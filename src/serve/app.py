@@ -50,6 +50,9 @@ from src.serve.protocol import (
 
 STATIC = Path(__file__).parent / "static"
 MAX_BODY_BYTES = 1 << 20
+# Attention maps waiting for the engine: each pauses every stream for its forward pass (up to
+# about half a second at 256 tokens on a CPU), so a flood of them is refused, not queued.
+MAX_PENDING_INSPECTIONS = 4
 # The page's own scripts and styles only: even if model text ever reached the DOM as HTML,
 # an injected <script> or inline handler would not run.
 PAGE_HEADERS = {"Content-Security-Policy": "default-src 'self'; object-src 'none'; "
@@ -187,16 +190,24 @@ def create_app(engine: Engine, model_name: str, *, api_key: str | None = None,
         parsed = parse_request(await read_json(request), "completions", engine, model_name)
         return await answer(request, parsed, chat=False)
 
+    pending_inspections = 0
+
     @app.post("/v1/internals/attention")
     async def attention(request: Request) -> Response:
+        nonlocal pending_inspections
         check_key(request)
         parsed = parse_attention_request(await read_json(request), model_name)
+        if pending_inspections >= MAX_PENDING_INSPECTIONS:
+            raise APIError(503, f"The server is busy with {pending_inspections} attention "
+                           "requests. Retry shortly.", type="server_error",
+                           code="server_overloaded")
 
         def inspect() -> dict:  # in the engine's thread, between two steps
             return attention_maps(engine.model, engine.tokenizer, text=parsed.text,
                                   messages=parsed.messages, max_tokens=parsed.max_tokens,
                                   decimals=parsed.decimals).to_dict()
 
+        pending_inspections += 1
         try:
             maps = await asyncio.wrap_future(engine.call(inspect))
         except RuntimeError:
@@ -207,6 +218,8 @@ def create_app(engine: Engine, model_name: str, *, api_key: str | None = None,
         except ValueError as exc:  # too many tokens for the limit or the context
             raise APIError(400, f"{exc}.", param="text" if parsed.text is not None
                            else "messages", code="invalid_value") from None
+        finally:
+            pending_inspections -= 1
         content = await asyncio.to_thread(_attention_json, model_name, maps)
         return Response(content, media_type="application/json")
 
