@@ -13,8 +13,9 @@ the engine's thread through a ``Mailbox`` into the request's asyncio queue. A cl
 disconnects is noticed at once (a watcher puts ``GONE`` in its queue) and its requests are
 cancelled: their slots free at the next step. The attention maps run in the engine's thread
 between two steps (``Engine.call``): ``record_attention`` changes the model while it is on,
-so it must never overlap a step's forward pass. Errors are OpenAI's JSON (see ``protocol.APIError``); a bad request is refused
-before it reaches the engine, so it never disturbs the others.
+so it must never overlap a step's forward pass. Errors are OpenAI's JSON (see
+``protocol.APIError``); a bad request is refused before it reaches the engine, so it never
+disturbs the others.
 """
 
 from __future__ import annotations
