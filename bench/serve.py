@@ -3,6 +3,7 @@ and vs Hugging Face transformers' batched ``generate`` on the same weights.
 
     python bench/serve.py                          # about 2 minutes on 2 shared CPU cores
     python bench/serve.py --requests 8 --new-tokens 32     # a quick look
+    python bench/serve.py --attention --threads 1  # /v1/internals/attention latency
 
 The model is the ``small`` preset with random weights (seeded; no trained run needed, the
 cost per token is the same), served by serve.py's own server (engine + app + uvicorn) in a
@@ -21,6 +22,13 @@ Then transformers' ``LlamaForCausalLM.generate`` (src/model/hf_llama.py converts
 weights) decodes the same prompts in batches of the same sizes, in this process after the
 server has stopped (no HTTP: the cost of the model and its loop only). JSON goes to
 bench/results/serve.json. Figures on shared cores are noisy; compare within one run.
+
+``--attention`` measures instead ``POST /v1/internals/attention`` on the same server: a text of
+64 and of 256 tokens (with the leading <|endoftext|>; 256 is the preset's context and the
+endpoint's limit), weights rounded to 4 decimals (the default), ``--requests`` times each
+(default 16) after a warm-up, one client, the engine idle: the whole round trip (the forward
+pass in the engine's thread, the lists, the JSON written and read back) and the body's size.
+JSON goes to bench/results/serve_attention.json.
 """
 
 from __future__ import annotations
@@ -35,6 +43,7 @@ import statistics
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root
@@ -187,6 +196,62 @@ def wait_until_up(port: int, process, timeout: float = 120.0) -> None:
     raise RuntimeError("the server did not start")
 
 
+def text_of_tokens(tokenizer: BPETokenizer, n: int) -> str:
+    """A text of the README that encodes to exactly ``n`` - 1 tokens (``n`` with the
+    <|endoftext|> that starts the prompt)."""
+    ids = tokenizer.encode((ROOT / "README.md").read_text(encoding="utf-8")[:20_000])
+    for end in range(n - 1, len(ids)):  # a cut may re-encode differently: try further cuts
+        text = tokenizer.decode(ids[:end])
+        if len(tokenizer.encode(text)) == n - 1:
+            return text
+    raise RuntimeError(f"no README prefix of {n - 1} tokens")
+
+
+def inspect_once(port: int, body: str, n: int) -> tuple[float, int]:
+    """One /v1/internals/attention round trip: (seconds, body bytes)."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=300)
+    start = time.perf_counter()
+    conn.request("POST", "/v1/internals/attention", body, {"Content-Type": "application/json"})
+    response = conn.getresponse()
+    raw = response.read()
+    maps = json.loads(raw)
+    elapsed = time.perf_counter() - start
+    conn.close()
+    if response.status != 200 or len(maps["tokens"]) != n:
+        raise RuntimeError(f"{n} tokens: HTTP {response.status} {raw[:200]}")
+    return elapsed, len(raw)
+
+
+def attention_bench(port: int, lengths: list[int], repeats: int) -> list[dict]:
+    """Round-trip times of /v1/internals/attention for texts of ``lengths`` tokens, and the
+    longest pause it puts in a stream generated at the same time."""
+    _, tokenizer = build(0)
+    rows = []
+    for n in lengths:
+        body = json.dumps({"model": MODEL_NAME, "text": text_of_tokens(tokenizer, n)})
+        inspect_once(port, body, n)  # warm-up
+        timed = [inspect_once(port, body, n) for _ in range(repeats)]
+        times, size = [t for t, _ in timed], timed[-1][1]
+        # A stream of 96 tokens while 3 inspections run one after another.
+        with ThreadPoolExecutor(1) as pool:
+            streaming = pool.submit(stream_one, port, 0, 96)
+            time.sleep(0.5)
+            for _ in range(3):
+                inspect_once(port, body, n)
+            stream = streaming.result()
+        rows.append({"tokens": n, "stream_gap_p50_ms": 1000 * statistics.median(stream["gaps"]),
+                     "stream_gap_max_ms": 1000 * max(stream["gaps"]),
+                     "best_ms": 1000 * min(times),
+                     "p50_ms": 1000 * statistics.median(times),
+                     "p95_ms": 1000 * pct(times, 95), "body_mb": size / 1e6})
+        print(f"  {n:4d} tokens: best {rows[-1]['best_ms']:.0f} ms, median "
+              f"{rows[-1]['p50_ms']:.0f} ms, p95 {rows[-1]['p95_ms']:.0f} ms, "
+              f"{rows[-1]['body_mb']:.2f} MB; a stream's gaps meanwhile: median "
+              f"{rows[-1]['stream_gap_p50_ms']:.0f} ms, longest "
+              f"{rows[-1]['stream_gap_max_ms']:.0f} ms", flush=True)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--requests", type=int, default=16, help="per level (default 16)")
@@ -196,6 +261,8 @@ def main() -> None:
                         help="torch threads of the server and of transformers (default: "
                              "serve.py's, every core but one)")
     parser.add_argument("--no-hf", action="store_true", help="skip transformers")
+    parser.add_argument("--attention", action="store_true",
+                        help="measure /v1/internals/attention instead (see above)")
     args = parser.parse_args()
     seed = 0
     port = free_port()
@@ -203,6 +270,21 @@ def main() -> None:
         target=serve_in_subprocess, args=(port, max(args.clients), seed, args.threads),
         daemon=True)
     server.start()
+    if args.attention:
+        try:
+            wait_until_up(port, server)
+            rows = attention_bench(port, [64, 256], args.requests)
+        finally:
+            server.terminate()
+            server.join(30)
+        out = ROOT / "bench" / "results" / "serve_attention.json"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(out, {
+            "benchmark": "serve --attention", "model": "small preset, random weights",
+            "seed": seed, "decimals": 4, "requests": args.requests, "torch": torch.__version__,
+            "threads": args.threads, "machine": platform.platform(), "rows": rows})
+        print(f"wrote {out}")
+        return
     try:
         wait_until_up(port, server)
         stream_one(port, 0, 4)  # warm-up

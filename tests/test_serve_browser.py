@@ -16,8 +16,10 @@ import pytest
 import torch
 
 from src.infer.engine import Engine
+from src.infer.internals import attention_maps
 from src.serve.app import create_app
 from tests.serve_support import (
+    SCRIPT_REPLY,
     running_server,
     scripted_model,
     scripted_text,
@@ -28,10 +30,12 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = shutil.which("chromedriver")
-# The README's screenshots are (re)made with SERVE_SCREENSHOT=docs/serve-chat.png and
-# SERVE_PROBABILITIES_SCREENSHOT=docs/serve-probabilities.png.
+# The README's screenshots are (re)made with SERVE_SCREENSHOT=docs/serve-chat.png,
+# SERVE_PROBABILITIES_SCREENSHOT=docs/serve-probabilities.png and
+# SERVE_INSPECT_SCREENSHOT=docs/serve-inspect.png.
 SCREENSHOT_ENV = "SERVE_SCREENSHOT"
 PROBABILITIES_SCREENSHOT_ENV = "SERVE_PROBABILITIES_SCREENSHOT"
+INSPECT_SCREENSHOT_ENV = "SERVE_INSPECT_SCREENSHOT"
 
 # Record every request body the page sends, to check what it asks the server for.
 RECORD_FETCH = """
@@ -215,14 +219,19 @@ def test_screenshot_for_the_readme(page, tmp_path):
 def unsure_server():
     """The scripted model made less sure of itself: each chain token's logit is scaled by its
     own factor, so greedy decoding says the same reply with probabilities from about 30% to
-    95% (the other ~300 tokens share the rest)."""
+    95% (the other ~300 tokens share the rest). Its queries are scaled up too (see below)."""
     tokenizer = scripted_tokenizer()
     model = scripted_model(tokenizer)
     with torch.no_grad():
         for token in range(model.lm_head.weight.size(0)):
             model.lm_head.weight[token] *= 0.075 + 0.055 * ((token * 37) % 11) / 10
+        # Sharper attention, so the Inspect view's heads differ visibly; the replies do not
+        # change (every attention output projection is zero).
+        for block in model.blocks:
+            block.attn.q_proj.weight *= 40
     engine = Engine(model, tokenizer, max_batch=2)
     with running_server(create_app(engine, "scripted"), engine) as running:
+        running.model, running.tokenizer = model, tokenizer
         yield running
 
 
@@ -310,3 +319,109 @@ def test_hovering_a_token_shows_its_alternatives_and_the_toggle_colours_the_repl
     assert path.stat().st_size > 10_000
     by_id(page, "probabilities").click()
     assert set(colours()) == {"rgba(0, 0, 0, 0)"}
+
+
+# --- the Inspect view ---------------------------------------------------------------------
+
+
+def test_inspect_view_shows_tokens_attention_map_and_next_tokens(browser, unsure_server,
+                                                                 tmp_path):
+    page = browser
+    page.get(unsure_server.base_url + "/")
+    wait_for(lambda: by_id(page, "model-name").text == "scripted")
+    page.execute_script(RECORD_FETCH)
+    set_setting(page, "max-tokens", "3")
+    by_id(page, "settings-toggle").click()
+    send(page, "Hi")
+    wait_for(lambda: finished(page, 0))
+    by_id(page, "inspect-toggle").click()
+    assert by_id(page, "inspect").is_displayed() and not by_id(page, "input").is_displayed()
+    # "Use the chat": the conversation so far, as the chat sends it.
+    by_id(page, "inspect-chat").click()
+    wait_for(lambda: len(page.execute_script("return window.__sent")) == 2)
+    chat, inspected = page.execute_script("return window.__sent")
+    reply = replies(page)[0].get_attribute("textContent")
+    assert inspected == {"model": "scripted", "messages": [
+        {"role": "user", "content": "Hi"}, {"role": "assistant", "content": reply}]}
+    wait_for(lambda: page.find_elements("css selector", "#inspect-tokens .itoken"))
+    chat_maps = attention_maps(unsure_server.model, unsure_server.tokenizer,
+                               messages=inspected["messages"])
+    assert [c.get_attribute("textContent") for c in page.find_elements(
+        "css selector", "#inspect-tokens .itoken")] == [label(t["text"]) for t in chat_maps.tokens]
+
+    text = SCRIPT_REPLY + " la la la"
+    by_id(page, "inspect-text").send_keys(text)
+    by_id(page, "inspect-run").click()
+    maps = attention_maps(unsure_server.model, unsure_server.tokenizer, text=text, decimals=4)
+
+    # The tokens as the API gives them (the emoji as four \xNN byte tokens), as text.
+    wait_for(lambda: len(page.find_elements("css selector", "#inspect-tokens .itoken"))
+             == len(maps.tokens))
+    chips = page.find_elements("css selector", "#inspect-tokens .itoken")
+    assert [c.get_attribute("textContent") for c in chips] == [
+        label(t["text"]) for t in maps.tokens]
+    assert "\\xf0" in chips[[t["bytes"] for t in maps.tokens].index([0xF0])].text
+    assert page.find_elements("css selector", "#inspect script") == []  # never HTML
+    bars = page.find_elements("css selector", "#next-tokens .alt")
+    assert [b.find_element("css selector", ".alt-token").text for b in bars] == [
+        label(t["text"]) for t in maps.next_tokens]
+    assert [b.find_element("css selector", ".alt-p").text for b in bars] == [
+        percent(t["logprob"]) for t in maps.next_tokens]
+
+    config = unsure_server.model.config
+    layer, head = by_id(page, "inspect-layer"), by_id(page, "inspect-head")
+    assert len(layer.find_elements("tag name", "option")) == config.n_layer
+    assert len(head.find_elements("tag name", "option")) == config.n_head + 1  # and the mean
+    canvas = by_id(page, "attention-map")
+    assert (canvas.get_attribute("data-layer"), canvas.get_attribute("data-head")) == (
+        "0", "mean")
+    assert canvas.get_attribute("data-query") == str(len(maps.tokens) - 1)
+
+    def pixels() -> str:
+        return page.execute_script("return arguments[0].toDataURL()", canvas)
+
+    def select(element, value: str) -> None:
+        from selenium.webdriver.support.select import Select
+        Select(element).select_by_value(value)
+
+    mean_map = pixels()
+    select(head, "1")
+    head_map = pixels()
+    assert canvas.get_attribute("data-head") == "1" and head_map != mean_map
+    select(layer, "1")
+    assert canvas.get_attribute("data-layer") == "1" and pixels() != head_map
+
+    # Clicking a token makes it the query: the chips show the weights of its row.
+    query = 5
+    chips[query].click()
+    assert canvas.get_attribute("data-query") == str(query)
+    assert "query" in chips[query].get_attribute("class")
+    row = maps.attention[1][1][query]
+    assert chips[2].get_attribute("title") == f"key 2: weight {row[2]:.4f}"
+    assert chips[query + 1].get_attribute("title").endswith("0 (future)")
+    # Clicking a row of the map chooses that query too.
+    from selenium.webdriver.common.action_chains import ActionChains
+    size = canvas.size["height"]
+    cell = size / len(maps.tokens)
+    ActionChains(page).move_to_element_with_offset(
+        canvas, 0, int(2.5 * cell - size / 2)).click().perform()
+    assert canvas.get_attribute("data-query") == "2"
+
+    # A refused text shows the server's error; the view keeps working afterwards.
+    by_id(page, "inspect-text").clear()
+    by_id(page, "inspect-text").send_keys("la " * 300)
+    by_id(page, "inspect-run").click()
+    wait_for(lambda: by_id(page, "error").is_displayed())
+    assert "at most 256" in by_id(page, "error").text
+
+    by_id(page, "inspect-text").clear()
+    by_id(page, "inspect-text").send_keys(text)
+    by_id(page, "inspect-run").click()
+    wait_for(lambda: not by_id(page, "error").is_displayed())
+    page.find_elements("css selector", "#inspect-tokens .itoken")[query].click()
+    path = Path(os.environ.get(INSPECT_SCREENSHOT_ENV) or tmp_path / "inspect.png")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    assert page.save_screenshot(str(path))
+    assert path.stat().st_size > 10_000
+    by_id(page, "inspect-toggle").click()
+    assert by_id(page, "input").is_displayed() and not by_id(page, "inspect").is_displayed()

@@ -4,6 +4,7 @@ step by step without HTTP; the OpenAI penalties of the sampler; the system role.
 from __future__ import annotations
 
 import json
+import threading
 import time
 
 import pytest
@@ -269,3 +270,19 @@ def test_a_failing_step_ends_its_requests_with_error_and_the_engine_goes_on(mode
     assert reasons == ["error"]
     assert result.finish_reason == "length" and result.completion_tokens == 5
     assert engine.load == (0, 0)
+
+
+def test_call_runs_in_the_engine_thread_between_steps_and_fails_after_shutdown(model, tok):
+    engine = Engine(model, tok, max_batch=2)
+    assert engine.call(lambda: 6 * 7).result() == 42  # no thread yet: runs here, at once
+    engine.start()
+    try:
+        where = engine.call(lambda: threading.current_thread().name).result(10)
+        assert where == "engine"
+        with pytest.raises(ZeroDivisionError):
+            engine.call(lambda: 1 / 0).result(10)
+        assert engine.call(lambda: "still serving").result(10) == "still serving"
+    finally:
+        engine.shutdown()
+    with pytest.raises(RuntimeError, match="shut down"):
+        engine.call(lambda: None)

@@ -27,7 +27,9 @@ between batch shapes, which do not change a draw in practice).
 
 The engine is a library: no HTTP here. ``start()`` runs ``step`` in a background thread
 (``submit`` from any thread); without it, call ``step`` yourself. ``generate`` is the
-one-call synchronous form.
+one-call synchronous form. ``call(fn)`` runs other work with the engine's model (e.g. the
+attention maps of a text) in the engine's thread between two steps, so it never runs a
+forward pass at the same time as a step (``record_attention`` changes the model while on).
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ import threading
 import traceback
 from collections import deque
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -166,6 +169,7 @@ class Engine:
         self._free_slots = list(range(max_batch - 1, -1, -1))  # pop() gives slot 0 first
         self._active: dict[int, _Sequence] = {}  # slot -> sequence; engine thread only
         self._waiting: deque[_Sequence] = deque()  # guarded by _cond
+        self._calls: deque[tuple[Callable[[], object], Future]] = deque()  # guarded by _cond
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
         self._stopping = False
@@ -202,6 +206,22 @@ class Engine:
             self._waiting.extend(sequences)
             self._cond.notify()
         return [s.handle for s in sequences]
+
+    def call(self, fn: Callable[[], object]) -> Future:
+        """Run ``fn()`` in the engine's thread before its next step (or here, at once, when
+        the engine has no thread) and return a Future of its result or exception. Meant for
+        short work with ``self.model`` (one forward pass): decoding waits while it runs.
+        Raises RuntimeError once the engine is shut down."""
+        future: Future = Future()
+        with self._cond:
+            if self._stopping:
+                raise RuntimeError("the engine is shut down")
+            if self._thread is not None:
+                self._calls.append((fn, future))
+                self._cond.notify()
+                return future
+        _run_call(fn, future)
+        return future
 
     def _idle_slots(self) -> int:
         # Requests that will get a slot at the next step do not really wait. Read without
@@ -393,10 +413,14 @@ class Engine:
     def _loop(self) -> None:
         while True:
             with self._cond:
-                while not self._stopping and not self._waiting and not self._active:
+                while (not self._stopping and not self._waiting and not self._active
+                       and not self._calls):
                     self._cond.wait()
                 if self._stopping:
                     break
+                calls, self._calls = list(self._calls), deque()
+            for fn, future in calls:
+                _run_call(fn, future)
             try:
                 self.step()
             except Exception:  # noqa: BLE001 - one failed step must not hang every client
@@ -410,6 +434,9 @@ class Engine:
         if waiting_too:
             with self._cond:
                 waiting, self._waiting = list(self._waiting), deque()
+                calls, self._calls = list(self._calls), deque()
+            for _, future in calls:
+                future.set_exception(RuntimeError("the engine is shut down"))
         for seq in [*self._active.values(), *waiting]:
             if not seq.handle.cancelled:
                 text = seq.stops.feed(seq.decoder.flush()) + seq.stops.flush()
@@ -468,3 +495,13 @@ class Engine:
                 handle.cancel()
         result.text = "".join(result.pieces)
         return result
+
+
+def _run_call(fn: Callable[[], object], future: Future) -> None:
+    """``fn()``'s result or exception into ``future`` (``Engine.call``)."""
+    if not future.set_running_or_notify_cancel():
+        return
+    try:
+        future.set_result(fn())
+    except Exception as exc:  # noqa: BLE001 - the caller gets it through the future
+        future.set_exception(exc)

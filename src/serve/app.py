@@ -5,12 +5,17 @@
     GET  /v1/models             the one model served (the run's folder name)
     POST /v1/chat/completions   OpenAI's chat completions, streaming or not (with logprobs)
     POST /v1/completions        OpenAI's (legacy) text completions, streaming or not
+    POST /v1/internals/attention  our extension: a text's tokens, attention maps and next
+                                token distribution (``src.infer.internals.attention_maps``)
 
 Each request's choices go to the engine as separate sequences; their updates come back from
 the engine's thread through a ``Mailbox`` into the request's asyncio queue. A client that
 disconnects is noticed at once (a watcher puts ``GONE`` in its queue) and its requests are
-cancelled: their slots free at the next step. Errors are OpenAI's JSON (see ``protocol.APIError``); a bad request is refused
-before it reaches the engine, so it never disturbs the others.
+cancelled: their slots free at the next step. The attention maps run in the engine's thread
+between two steps (``Engine.call``): ``record_attention`` changes the model while it is on,
+so it must never overlap a step's forward pass. Errors are OpenAI's JSON (see
+``protocol.APIError``); a bad request is refused before it reaches the engine, so it never
+disturbs the others.
 """
 
 from __future__ import annotations
@@ -25,11 +30,12 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from src.infer.engine import Engine, QueueFullError, TokenLogprob, Update
+from src.infer.internals import attention_maps
 from src.serve.protocol import (
     APIError,
     CompletionLogprobs,
@@ -38,12 +44,16 @@ from src.serve.protocol import (
     new_id,
     now,
     openai_finish_reason,
+    parse_attention_request,
     parse_request,
     usage,
 )
 
 STATIC = Path(__file__).parent / "static"
 MAX_BODY_BYTES = 1 << 20
+# Attention maps waiting for the engine: each pauses every stream for its forward pass (up to
+# about half a second at 256 tokens on a CPU), so a flood of them is refused, not queued.
+MAX_PENDING_INSPECTIONS = 4
 # The page's own scripts and styles only: even if model text ever reached the DOM as HTML,
 # an injected <script> or inline handler would not run.
 PAGE_HEADERS = {"Content-Security-Policy": "default-src 'self'; object-src 'none'; "
@@ -181,6 +191,39 @@ def create_app(engine: Engine, model_name: str, *, api_key: str | None = None,
         parsed = parse_request(await read_json(request), "completions", engine, model_name)
         return await answer(request, parsed, chat=False)
 
+    pending_inspections = 0
+
+    @app.post("/v1/internals/attention")
+    async def attention(request: Request) -> Response:
+        nonlocal pending_inspections
+        check_key(request)
+        parsed = parse_attention_request(await read_json(request), model_name)
+        if pending_inspections >= MAX_PENDING_INSPECTIONS:
+            raise APIError(503, f"The server is busy with {pending_inspections} attention "
+                           "requests. Retry shortly.", type="server_error",
+                           code="server_overloaded")
+
+        def inspect() -> dict:  # in the engine's thread, between two steps
+            return attention_maps(engine.model, engine.tokenizer, text=parsed.text,
+                                  messages=parsed.messages, max_tokens=parsed.max_tokens,
+                                  decimals=parsed.decimals).to_dict()
+
+        pending_inspections += 1
+        try:
+            maps = await asyncio.wrap_future(engine.call(inspect))
+        except RuntimeError:
+            if not engine.stopping:
+                raise  # a real failure: a 500
+            raise APIError(503, "The server is shutting down.", type="server_error",
+                           code="server_shutting_down") from None
+        except ValueError as exc:  # too many tokens for the limit or the context
+            raise APIError(400, f"{exc}.", param="text" if parsed.text is not None
+                           else "messages", code="invalid_value") from None
+        finally:
+            pending_inspections -= 1
+        content = await asyncio.to_thread(_attention_json, model_name, maps)
+        return Response(content, media_type="application/json")
+
     async def answer(request: Request, parsed: ParsedRequest, chat: bool):
         loop = asyncio.get_running_loop()
         mailbox = mailboxes.setdefault(loop, Mailbox(loop))
@@ -266,6 +309,18 @@ async def _updates(request: Request, queue: asyncio.Queue,
             yield index, update
     finally:
         watcher.cancel()
+
+
+def _attention_json(model_name: str, maps: dict) -> str:
+    """The attention endpoint's body. The weights are up to layers * heads * 256^2 numbers
+    (5 MB of JSON for the small preset): encoded off the event loop, and one head at a time,
+    because one ``json.dumps`` call holds the GIL throughout and would stall the engine's
+    thread (every stream's next token) for the whole encoding."""
+    layers = ",".join("[" + ",".join(json.dumps(head) for head in layer) + "]"
+                      for layer in maps["attention"])
+    rest = json.dumps({"object": "attention_maps", "model": model_name, "tokens": maps["tokens"],
+                       "next_tokens": maps["next_tokens"]})
+    return rest[:-1] + ', "attention": [' + layers + "]}"
 
 
 def _sse(obj: dict) -> str:

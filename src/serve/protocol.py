@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from src.infer.engine import Engine, GenerationRequest, TokenLogprob
+from src.infer.internals import DEFAULT_MAX_TOKENS
 from src.infer.sampling import SamplingSettings
 from src.tokenizer.bpe import StreamingDecoder
 from src.tokenizer.chat_template import Turn, encode_chat
@@ -123,8 +124,8 @@ class ParsedRequest:
         return sum(len(p) for p in self.prompts)
 
 
-def _common(body: dict, model_name: str) -> dict:
-    """The parameters shared by both endpoints, checked."""
+def _check_model(body: dict, model_name: str) -> None:
+    """404 unless ``model`` is absent or the one model served."""
     model = body.get("model")
     if model is not None:
         if not isinstance(model, str):
@@ -132,6 +133,11 @@ def _common(body: dict, model_name: str) -> dict:
         if model != model_name:
             raise APIError(404, f"The model '{model}' does not exist; this server serves "
                            f"'{model_name}'", param="model", code="model_not_found")
+
+
+def _common(body: dict, model_name: str) -> dict:
+    """The parameters shared by both endpoints, checked."""
+    _check_model(body, model_name)
     stop = body.get("stop")
     if stop is None:
         stops = []
@@ -380,3 +386,44 @@ class CompletionLogprobs:
 
     def _name(self, token: int) -> str:
         return token_name(self.tokenizer.token_bytes(token))
+
+
+# ------------------------------------------------------------------------ attention maps
+
+MAX_INSPECT_TOKENS = DEFAULT_MAX_TOKENS  # the longest prompt /v1/internals/attention inspects
+INSPECT_DECIMALS = 4  # default rounding of the attention weights (keeps the JSON small)
+MAX_INSPECT_DECIMALS = 8
+
+
+@dataclass
+class AttentionRequest:
+    """A validated ``POST /v1/internals/attention`` body (see ``parse_attention_request``)."""
+
+    text: str | None
+    messages: list[Turn] | None
+    max_tokens: int
+    decimals: int
+
+
+def parse_attention_request(body: Any, model_name: str) -> AttentionRequest:
+    """Validate ``{"model"?, "text": str}`` or ``{"model"?, "messages": [...]}`` with optional
+    ``max_tokens`` (1..MAX_INSPECT_TOKENS, default the limit) and ``decimals`` (1..8, default
+    4); raises APIError (400/404) naming the parameter. The token count itself is checked by
+    ``attention_maps``."""
+    if not isinstance(body, dict):
+        raise _bad("the request body must be a JSON object", None, "invalid_type")
+    _check_model(body, model_name)
+    has_text, has_messages = body.get("text") is not None, body.get("messages") is not None
+    if has_text == has_messages:
+        raise _bad("give exactly one of 'text' and 'messages'", "text", "invalid_value")
+    text, turns = body.get("text"), None
+    if has_text:
+        if not isinstance(text, str):
+            raise _bad(f"'text' must be a string, got {text!r}", "text", "invalid_type")
+        if not text:
+            raise _bad("'text' is empty", "text", "invalid_value")
+    else:
+        turns = chat_turns(body)
+    max_tokens = _integer(body, "max_tokens", 1, MAX_INSPECT_TOKENS) or MAX_INSPECT_TOKENS
+    decimals = _integer(body, "decimals", 1, MAX_INSPECT_DECIMALS) or INSPECT_DECIMALS
+    return AttentionRequest(text, turns, max_tokens, decimals)
