@@ -350,9 +350,11 @@ def test_inspect_view_shows_tokens_attention_map_and_next_tokens(browser, unsure
         "css selector", "#inspect-tokens .itoken")] == [label(t["text"]) for t in chat_maps.tokens]
 
     text = SCRIPT_REPLY + " la la la"
+    # The expected maps first: the server's engine thread runs the same model object, and the
+    # recording switch is not for two threads at once (the server serialises its own calls).
+    maps = attention_maps(unsure_server.model, unsure_server.tokenizer, text=text, decimals=4)
     by_id(page, "inspect-text").send_keys(text)
     by_id(page, "inspect-run").click()
-    maps = attention_maps(unsure_server.model, unsure_server.tokenizer, text=text, decimals=4)
 
     # The tokens as the API gives them (the emoji as four \xNN byte tokens), as text.
     wait_for(lambda: len(page.find_elements("css selector", "#inspect-tokens .itoken"))
