@@ -17,8 +17,6 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from src.utils.device import pick_device
-
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -52,20 +50,6 @@ def init_distributed(device_type: str) -> DistInfo:
 def shutdown_distributed() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
-
-
-@contextlib.contextmanager
-def process_device(device_name: str) -> Iterator[tuple[torch.device, DistInfo]]:
-    """This process's device (``--device``; under torchrun on CUDA, the local rank's GPU) and
-    its place in the process group, left again on exit: how pretraining and fine-tuning start."""
-    device = pick_device(device_name)
-    dist_info = init_distributed(device.type)
-    if device.type == "cuda" and dist_info.enabled:
-        device = torch.device("cuda", dist_info.local_rank)
-    try:
-        yield device, dist_info
-    finally:
-        shutdown_distributed()
 
 
 def wrap_model(model: nn.Module, info: DistInfo, device: torch.device, fsdp: bool = False) -> nn.Module:

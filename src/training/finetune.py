@@ -49,12 +49,12 @@ from src.tokenizer.chat_template import ROLE_TOKENS, Turn, encode_chat, reply_st
 from src.training import checkpoint as ckpt_io
 from src.training.chat_batches import ChatBatches, chat_validation, encode_examples
 from src.training.config import HELP, make_config
-from src.training.distributed import DistInfo, process_device
+from src.training.distributed import DistInfo, init_distributed, shutdown_distributed
 from src.training.loop import TrainLoop
 from src.training.trainer import open_run_dir, prepare_model, setup_precision, summarize
 from src.utils.atomic import write_json_atomic
 from src.utils.cli import UserError
-from src.utils.device import make_generator
+from src.utils.device import make_generator, pick_device
 
 # The loop's settings for fine-tuning the quickstart model, chosen by measurement (README,
 # "Chat fine-tuning"); flags override them. Everything else (schedule shape, clipping, betas)
@@ -175,8 +175,14 @@ def finetune(stage: FinetuneConfig, explicit: dict[str, Any]) -> dict[str, Any]:
     fields) given on the command line, ``run_dir``, ``resume``, and ``stage_given`` (the stage
     settings given, which a resumed run must not change). UserError on bad input, raised before
     any file is written."""
-    with process_device(explicit.get("device", "auto")) as (device, dist_info):
+    device = pick_device(explicit.get("device", "auto"))
+    dist_info = init_distributed(device.type)
+    if device.type == "cuda" and dist_info.enabled:
+        device = torch.device("cuda", dist_info.local_rank)
+    try:
         return _finetune(stage, explicit, device, dist_info)
+    finally:
+        shutdown_distributed()
 
 
 def _finetune(stage: FinetuneConfig, explicit: dict[str, Any], device: torch.device,

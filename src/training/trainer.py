@@ -43,7 +43,8 @@ from src.training.config import TrainConfig, make_config
 from src.training.distributed import (
     DistInfo,
     broadcast_str,
-    process_device,
+    init_distributed,
+    shutdown_distributed,
     wrap_model,
 )
 from src.training.loop import TrainLoop
@@ -53,7 +54,7 @@ from src.training.plan import make_plan
 from src.training.presets import model_config
 from src.utils.atomic import write_json_atomic
 from src.utils.cli import UserError
-from src.utils.device import cpu_has_fast_bf16, make_generator, pick_dtype
+from src.utils.device import cpu_has_fast_bf16, make_generator, pick_device, pick_dtype
 from src.utils.integrity import file_problem
 
 
@@ -141,8 +142,14 @@ def train(
     Raises UserError (incl. NonFiniteLoss) with a one-line message on a user-facing problem.
     """
     # ---- 1. device, precision, processes ---------------------------------------------------
-    with process_device(cfg.device) as (device, dist_info):
+    device = pick_device(cfg.device)
+    dist_info = init_distributed(device.type)
+    if device.type == "cuda" and dist_info.enabled:
+        device = torch.device("cuda", dist_info.local_rank)
+    try:
         return _train(cfg, device, dist_info, loss_hook)
+    finally:
+        shutdown_distributed()
 
 
 def _train(cfg: TrainConfig, device: torch.device, dist_info: DistInfo, loss_hook) -> dict[str, Any]:
