@@ -125,3 +125,27 @@ def make_tiny_run(tmp_dir: str | Path, *, steps: int = 6, **overrides: Any) -> P
         return Path(train(cfg)["run_dir"])
     finally:
         torch.set_num_threads(threads)
+
+
+class RepeatedBatch:
+    """A BatchSource for driving TrainLoop directly: the same micro-batch (inputs, targets[,
+    loss mask]) every step, so the loop's own bookkeeping is what a test sees; its position
+    (saved in checkpoints, restored on resume) is the number of steps taken."""
+
+    def __init__(self, *micro_batch) -> None:
+        self.batch, self.steps = tuple(micro_batch), 0
+        self.tokens_per_step = micro_batch[0].numel()
+
+    @property
+    def epoch(self) -> float:
+        return float(self.steps)
+
+    def next_batch(self):
+        self.steps += 1
+        return [self.batch]
+
+    def state_dict(self):
+        return {"steps": self.steps}
+
+    def load_state_dict(self, state):
+        self.steps = state["steps"]

@@ -22,7 +22,7 @@ from src.training.plan import count_params, flops_per_token, make_plan
 from src.training.presets import PRESETS, model_config
 from src.training.trainer import train
 from src.utils.cli import UserError
-from tests.fixtures import make_token_data, tiny_config
+from tests.fixtures import RepeatedBatch, make_token_data, tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -115,23 +115,10 @@ def test_training_prints_the_plan_and_reports_epochs(data_dir, tmp_path, capsys)
 # Early stopping
 
 
-class FixedBatches:
+def fixed_batches() -> RepeatedBatch:
     """The same micro-batch every step: the loop's bookkeeping is what is under test."""
-
-    def __init__(self) -> None:
-        ids = torch.randint(0, 300, (2, 65), generator=torch.Generator().manual_seed(0))
-        self.batch, self.steps = (ids[:, :-1], ids[:, 1:]), 0
-        self.tokens_per_step, self.epoch = 128, 0.0
-
-    def next_batch(self):
-        self.steps += 1
-        return [self.batch]
-
-    def state_dict(self):
-        return {"steps": self.steps}
-
-    def load_state_dict(self, state):
-        self.steps = state["steps"]
+    ids = torch.randint(0, 300, (2, 65), generator=torch.Generator().manual_seed(0))
+    return RepeatedBatch(ids[:, :-1], ids[:, 1:])
 
 
 def test_early_stop_after_patience_keeps_the_best(tmp_path):
@@ -146,7 +133,7 @@ def test_early_stop_after_patience_keeps_the_best(tmp_path):
         optimizers = build_optimizers(model, cfg)
         state = ck.load_checkpoint(resume, model, optimizers) if resume else None
         return TrainLoop(cfg, model=model, raw_model=model, optimizers=optimizers,
-                         batches=FixedBatches(), evaluate=lambda: {"val_loss": next(val_losses)},
+                         batches=fixed_batches(), evaluate=lambda: {"val_loss": next(val_losses)},
                          eval_tokens=0, device=torch.device("cpu"), resume_state=state)
 
     loop = make_loop()

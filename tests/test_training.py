@@ -31,7 +31,7 @@ from src.training.presets import PRESETS, model_config
 from src.training.time_budget import BUDGET_RESERVE, plan_steps
 from src.training.trainer import train
 from src.utils.cli import UserError
-from tests.fixtures import make_token_data, tiny_config
+from tests.fixtures import RepeatedBatch, make_token_data, tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
 # One thread: tiny models gain nothing from two, and the shared cores stay free for others.
@@ -337,29 +337,6 @@ def test_time_budget_in_the_loop(data_dir, tmp_path):
     assert reader.read_state(reader.latest_checkpoint(tmp_path / "t"))["planned_steps"] == 12
 
 
-class MaskedBatches:
-    """A BatchSource as a fine-tuning stage would supply: each step one micro-batch whose loss
-    mask scores only the second half of every row; its position is the steps taken."""
-
-    def __init__(self, x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor) -> None:
-        self.batch, self.steps = (x, y, mask), 0
-        self.tokens_per_step = x.numel()
-
-    @property
-    def epoch(self) -> float:
-        return float(self.steps)
-
-    def next_batch(self):
-        self.steps += 1
-        return [self.batch]
-
-    def state_dict(self):
-        return {"steps": self.steps}
-
-    def load_state_dict(self, state):
-        self.steps = state["steps"]
-
-
 def test_loop_trains_on_any_batch_source_with_a_loss_mask(tmp_path):
     from src.model.gpt import GPT
     from src.training.loop import TrainLoop
@@ -389,7 +366,7 @@ def test_loop_trains_on_any_batch_source_with_a_loss_mask(tmp_path):
                          batches=batches, evaluate=lambda: {"val_loss": 1.5}, eval_tokens=0,
                          device=torch.device("cpu"), resume_state=resume_state)
 
-    loop = make_loop(model, MaskedBatches(x, y, mask))
+    loop = make_loop(model, RepeatedBatch(x, y, mask))
     assert loop.run() == "finished" and loop.step == 3
     records = read_metrics(run)
     assert train_losses(run)[0] == (1, pytest.approx(masked, abs=1e-6))
@@ -397,7 +374,7 @@ def test_loop_trains_on_any_batch_source_with_a_loss_mask(tmp_path):
     latest = reader.latest_checkpoint(run)
     assert reader.read_state(latest)["loader"] == {"steps": 3}
     # Resuming restores the source's position and the loop's step.
-    batches = MaskedBatches(x, y, mask)
+    batches = RepeatedBatch(x, y, mask)
     resumed = make_loop(GPT(model_config("tiny", vocab_size=300)), batches, latest)
     assert (resumed.step, batches.steps) == (3, 3)
 

@@ -17,6 +17,7 @@ from typing import Any
 from src.data import sources
 from src.data.detokenize import detokenize_dailydialog, detokenize_wikitext
 from src.utils.cli import UserError
+from src.utils.integrity import sha256_file
 
 Unit = tuple[str, Any, bool]
 
@@ -67,7 +68,7 @@ def _hub_record(dataset: Any, name: str) -> dict:
     record: dict[str, Any] = {"hub": name, "fingerprint": sources.hub_fingerprint(dataset), "rows": len(dataset)}
     files = [Path(f["filename"]) for f in getattr(dataset, "cache_files", None) or []]
     if files:
-        record["files"] = [{"path": str(f), "sha256": sources.sha256_file(f)} for f in files]
+        record["files"] = [{"path": str(f), "sha256": sha256_file(f)} for f in files]
     return record
 
 

@@ -119,15 +119,6 @@ def check_text_file(path: str | os.PathLike) -> InputFile:
     return InputFile(path, digest.hexdigest(), offset)
 
 
-def sha256_file(path: str | os.PathLike) -> str:
-    """sha256 of a file's bytes, read in 1 MiB chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_READ_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def iter_lines(path: Path) -> Iterator[str]:
     """The lines of a checked UTF-8 file, without their line ends, read lazily."""
     with open(path, encoding="utf-8", newline="") as f:

@@ -47,9 +47,17 @@ def init_distributed(device_type: str) -> DistInfo:
     return DistInfo(rank=rank, local_rank=local_rank, world_size=world)
 
 
-def shutdown_distributed() -> None:
+def shutdown_distributed(together: bool = False) -> None:
+    """Leave the process group. ``together`` (after a run that ended normally on every rank):
+    wait for the other ranks first, since a rank that tears gloo down while another is still
+    sending can abort that one at exit ("terminate called without an active exception").
+    Not after an error: the other ranks may never arrive."""
     if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+        try:
+            if together:
+                dist.barrier()
+        finally:
+            dist.destroy_process_group()
 
 
 def wrap_model(model: nn.Module, info: DistInfo, device: torch.device, fsdp: bool = False) -> nn.Module:

@@ -179,10 +179,13 @@ def finetune(stage: FinetuneConfig, explicit: dict[str, Any]) -> dict[str, Any]:
     dist_info = init_distributed(device.type)
     if device.type == "cuda" and dist_info.enabled:
         device = torch.device("cuda", dist_info.local_rank)
+    ended = False
     try:
-        return _finetune(stage, explicit, device, dist_info)
+        result = _finetune(stage, explicit, device, dist_info)
+        ended = True
+        return result
     finally:
-        shutdown_distributed()
+        shutdown_distributed(together=ended)
 
 
 def _finetune(stage: FinetuneConfig, explicit: dict[str, Any], device: torch.device,

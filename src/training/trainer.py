@@ -146,10 +146,13 @@ def train(
     dist_info = init_distributed(device.type)
     if device.type == "cuda" and dist_info.enabled:
         device = torch.device("cuda", dist_info.local_rank)
+    ended = False
     try:
-        return _train(cfg, device, dist_info, loss_hook)
+        result = _train(cfg, device, dist_info, loss_hook)
+        ended = True
+        return result
     finally:
-        shutdown_distributed()
+        shutdown_distributed(together=ended)
 
 
 def _train(cfg: TrainConfig, device: torch.device, dist_info: DistInfo, loss_hook) -> dict[str, Any]:
