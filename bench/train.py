@@ -11,6 +11,8 @@ For each preset, the same model shape (vocabulary 16,384) is trained a few steps
                   and very slow, which is why train.py then picks fp32)
   * hf llama fp32 transformers' LlamaForCausalLM of the same shape, fp32, eager, torch AdamW,
                   cross-entropy on its logits: the plain loop a newcomer would write
+Each row also gives model FLOP/s (``GPT.flops_per_token`` x tokens/s) as a share of the
+machine's own matmul peak in the row's precision, measured in the same run.
 Every step is forward + backward + gradient clipping + optimiser step on random token ids
 (content does not change the cost of dense compute), built by bench/steps.py. The implementations of a preset are
 timed in one process, alternating steps, so load from other processes hits them alike;
@@ -23,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import resource
 import statistics
 import subprocess
@@ -36,8 +37,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root
 import torch
 
 from bench.steps import make_step
+from src.training.plan import flops_per_token
 from src.training.presets import model_config
 from src.utils.atomic import write_json_atomic
+from src.utils.device import cpu_description, matmul_flops
 
 # Per preset: micro-batch and context used here (gpt-60m at a small batch to fit a CPU run).
 SHAPES = {"tiny": (16, 64), "small": (16, 256), "gpt-60m": (2, 512), "gpt-125m": (1, 512)}
@@ -58,7 +61,8 @@ def build(preset: str, impl: str):
                             optimizer=True)
     facts = {"preset": preset, "impl": impl, "dtype": "bf16" if dtype == torch.bfloat16 else "fp32",
              "batch": batch, "context": context,
-             "params_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 2)}
+             "params_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 2),
+             "flops_per_token": flops_per_token(cfg)}
     return step, facts
 
 
@@ -121,17 +125,30 @@ def main() -> None:
             print(f"  {preset:8s} {row['impl']:14s} {row['tokens_per_s']:>9,.0f} tok/s", file=sys.stderr)
         rows.extend(preset_rows)
 
-    print(f"\nTraining throughput, {platform.processor() or platform.machine()}, "
-          f"{torch.get_num_threads()} threads, torch {torch.__version__}")
+    # The machine's own peak in each precision used, measured in this run: the best of a
+    # 1024^3 and a 2048^3 matrix multiply (bf16 only timed where a row uses it).
+    peaks = {name: max(matmul_flops(dtype, size=n, seconds=1.0) for n in (1024, 2048))
+             for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16))
+             if any(r["dtype"] == name for r in rows)}
+    for r in rows:
+        r["gflops"] = round(r["flops_per_token"] * r["tokens_per_s"] / 1e9, 1)
+        r["peak_gflops"] = round(peaks[r["dtype"]] / 1e9, 1)
+        r["pct_of_peak"] = round(100 * r["gflops"] / r["peak_gflops"], 1)
+
+    print(f"\nTraining throughput: {cpu_description()}; torch {torch.__version__}")
+    print("matmul peak measured in this run: " + ", ".join(f"{k} {v / 1e9:,.0f} GFLOP/s" for k, v in peaks.items()))
     print(f"{'preset':8s} {'impl':15s} {'dtype':5s} {'params':>7s} {'batch x ctx':>11s} {'tokens/s':>10s} "
-          f"{'vs hf':>6s} {'peak MB':>8s}")
+          f"{'vs hf':>6s} {'GFLOP/s':>8s} {'% peak':>7s} {'peak MB':>8s}")
     for r in rows:
         hf = next((h for h in rows if h["preset"] == r["preset"] and h["impl"].startswith("hf")), None)
         ratio = f"{r['tokens_per_s'] / hf['tokens_per_s']:.2f}x" if hf else "-"
         print(f"{r['preset']:8s} {r['impl']:15s} {r['dtype']:5s} {r['params_m']:>6.1f}M {r['batch']:>4d} x {r['context']:<4d} "
-              f"{r['tokens_per_s']:>10,.0f} {ratio:>6s} {r['peak_rss_mb'] or 0:>8,.0f}")
+              f"{r['tokens_per_s']:>10,.0f} {ratio:>6s} {r['gflops']:>8,.1f} {r['pct_of_peak']:>6.1f}% "
+              f"{r['peak_rss_mb'] or 0:>8,.0f}")
     print(f"({time.time() - started:.0f} s; shared cores: ratios within this run are what counts)")
-    write_json_atomic(args.out, {"rows": rows, "torch": torch.__version__, "threads": torch.get_num_threads()})
+    write_json_atomic(args.out, {"rows": rows, "torch": torch.__version__, "cpu": cpu_description(),
+                                 "threads": torch.get_num_threads(),
+                                 "matmul_peak_gflops": {k: round(v / 1e9, 1) for k, v in peaks.items()}})
 
 
 if __name__ == "__main__":

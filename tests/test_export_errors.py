@@ -107,6 +107,16 @@ def test_unrepresentable_model_config(run_dir, tmp_path, capsys):
           tmp_path / "o")
 
 
+@pytest.mark.parametrize("options,flags,match", [
+    ({"qk_norm": True}, [], "cannot export this model as Llama: model setting(s) ['qk_norm']"),
+    ({"mlp_act": "relu2"}, ["--format", "gguf"], "cannot write GGUF: mlp_act 'relu2'"),
+])
+def test_architecture_options_without_a_counterpart_are_refused(tmp_path, capsys, options,
+                                                                flags, match):
+    run = make_tiny_run(tmp_path, steps=1, **options)
+    fails(["--run", str(run), "--out", str(tmp_path / "o"), *flags], capsys, match, tmp_path / "o")
+
+
 @pytest.mark.parametrize("flags,match", [
     (["--format", "onnx"], "--format 'onnx'"),
     (["--dtype", "int4"], "--dtype 'int4'"),

@@ -54,6 +54,8 @@ def test_config_resolves_defaults():
         (dict(norm_eps=0.0), "norm_eps"),
         (dict(rope_base=-1.0), "rope_base"),
         (dict(tie_embeddings="yes"), "tie_embeddings"),
+        (dict(qk_norm=1), "qk_norm"),
+        (dict(mlp_act="gelu"), "mlp_act"),
     ],
 )
 def test_config_validation_names_the_field(overrides, message):
@@ -267,3 +269,41 @@ def test_forward_compiles_without_graph_breaks():
     explanation = torch._dynamo.explain(model)(idx, targets)
     assert explanation.graph_break_count == 0, explanation.break_reasons
     assert explanation.graph_count == 1
+
+
+# ---- architecture options: QK-norm and the ReLU-squared gate -----------------------------------
+
+OPTIONS = [dict(qk_norm=True), dict(mlp_act="relu2"), dict(qk_norm=True, mlp_act="relu2")]
+
+
+@pytest.mark.parametrize("options", OPTIONS)
+def test_options_shapes_determinism_and_cache(options):
+    model = tiny_model(**options)
+    assert tiny_model(**options).state_dict().keys() == model.state_dict().keys()
+    for name, p in tiny_model(**options).state_dict().items():  # same seed, same weights
+        assert torch.equal(p, model.state_dict()[name]), name
+    idx = random_ids(2, 24)
+    full = model(idx)
+    assert full.shape == (2, 24, VOCAB)
+    torch.testing.assert_close(tiny_model(**options)(idx), full, rtol=0, atol=0)
+    cache = model.new_kv_cache(batch_size=2, max_length=24)
+    pieces = [model(idx[:, :10], cache=cache)] + [model(idx[:, t:t + 1], cache=cache)
+                                                  for t in range(10, 24)]
+    torch.testing.assert_close(torch.cat(pieces, dim=1), full, rtol=1e-4, atol=1e-5)
+
+
+def test_qk_norm_adds_one_gain_per_head_channel_and_normalises():
+    plain, normed = tiny_model(), tiny_model(qk_norm=True)
+    c = normed.config
+    assert normed.num_params() - plain.num_params() == 2 * c.n_layer * c.head_dim
+    attn = normed.blocks[0].attn
+    x = torch.randn(1, 5, c.d_model) * 100  # huge activations: normalised queries stay unit-RMS
+    q = attn.q_norm(attn.q_proj(x).view(1, 5, c.n_head, c.head_dim))
+    torch.testing.assert_close(q.pow(2).mean(-1), torch.ones(1, 5, c.n_head), rtol=1e-3, atol=1e-3)
+
+
+def test_relu2_gate_is_relu_squared():
+    mlp = tiny_model(mlp_act="relu2").blocks[0].mlp
+    x = torch.randn(3, mlp.gate_proj.in_features)
+    expected = mlp.down_proj(torch.relu(mlp.gate_proj(x)) ** 2 * mlp.up_proj(x))
+    torch.testing.assert_close(mlp(x), expected)

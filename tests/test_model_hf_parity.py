@@ -13,10 +13,10 @@ from src.model.hf_llama import from_hf, to_hf, to_hf_config  # noqa: E402
 from src.training.presets import model_config  # noqa: E402
 
 
-def make_model(tie: bool, n_kv_head: int) -> GPT:
+def make_model(tie: bool, n_kv_head: int, mlp_act: str = "silu") -> GPT:
     torch.manual_seed(0)
     cfg = model_config("tiny", vocab_size=301, n_kv_head=n_kv_head, tie_embeddings=tie,
-                                rope_base=500.0, norm_eps=1e-6)
+                       rope_base=500.0, norm_eps=1e-6, mlp_act=mlp_act)
     model = GPT(cfg).eval()
     with torch.no_grad():  # make every weight matter: non-trivial norm gains
         for name, p in model.named_parameters():
@@ -25,11 +25,14 @@ def make_model(tie: bool, n_kv_head: int) -> GPT:
     return model
 
 
-@pytest.mark.parametrize("tie", [True, False])
-@pytest.mark.parametrize("n_kv_head", [4, 2])  # multi-head and grouped-query attention
-def test_logits_match_llama(tie, n_kv_head):
-    model = make_model(tie, n_kv_head)
+@pytest.mark.parametrize("tie,n_kv_head,mlp_act", [
+    (True, 4, "silu"), (False, 4, "silu"), (True, 2, "silu"), (False, 2, "silu"),  # MHA and GQA
+    (True, 2, "relu2"),  # the ReLU-squared gate: Llama's hidden_act "relu2"
+])
+def test_logits_match_llama(tie, n_kv_head, mlp_act):
+    model = make_model(tie, n_kv_head, mlp_act)
     hf = to_hf(model)
+    assert hf.config.hidden_act == mlp_act
     assert hf.config.tie_word_embeddings == tie
     assert (hf.lm_head.weight is hf.model.embed_tokens.weight) == tie
     assert sum(p.numel() for p in hf.parameters()) == model.num_params()
@@ -40,9 +43,9 @@ def test_logits_match_llama(tie, n_kv_head):
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("tie", [True, False])
-def test_round_trip_through_llama(tie):
-    model = make_model(tie, 2)
+@pytest.mark.parametrize("tie,mlp_act", [(True, "silu"), (False, "silu"), (True, "relu2")])
+def test_round_trip_through_llama(tie, mlp_act):
+    model = make_model(tie, 2, mlp_act)
     back = from_hf(to_hf(model))
     assert back.config == model.config
     assert back.config.to_dict() == model.config.to_dict()
@@ -63,16 +66,18 @@ def test_llama_config_matches_shape():
 
 
 def test_a_setting_llama_lacks_is_refused():
-    """A model option with no LlamaConfig counterpart must not export as a different model."""
-    from dataclasses import dataclass
-
+    """A model option with no Llama counterpart must not export as a different model: QK-norm
+    for both formats, the ReLU-squared gate for GGUF (llama.cpp's llama gate is SiLU)."""
+    from src.model.gguf_llama import check_gguf_representable
     from src.model.hf_llama import check_llama_representable
-
-    @dataclass
-    class WithQKNorm(GPTConfig):
-        qk_norm: bool = True
 
     fields = model_config("tiny").to_dict()
     check_llama_representable(GPTConfig(**fields))
+    check_gguf_representable(GPTConfig(**fields))
     with pytest.raises(ValueError, match="qk_norm"):
-        check_llama_representable(WithQKNorm(**fields))
+        check_llama_representable(GPTConfig(**{**fields, "qk_norm": True}))
+    with pytest.raises(ValueError, match="qk_norm"):
+        check_gguf_representable(GPTConfig(**{**fields, "qk_norm": True}))
+    check_llama_representable(GPTConfig(**{**fields, "mlp_act": "relu2"}))
+    with pytest.raises(ValueError, match="relu2"):
+        check_gguf_representable(GPTConfig(**{**fields, "mlp_act": "relu2"}))

@@ -66,11 +66,23 @@ def _gguf_name(llama_name: str) -> str:
     return base + ".weight"  # e.g. blk.0.attn_q.weight, as llama.cpp names them
 
 
+def check_gguf_representable(config: GPTConfig) -> None:
+    """ValueError, naming the setting, unless llama.cpp's ``llama`` architecture computes
+    exactly this model: its MLP gate is always SiLU and it has no QK-norm."""
+    if config.mlp_act != "silu":
+        raise ValueError(f"mlp_act {config.mlp_act!r} has no GGUF llama form (llama.cpp's llama "
+                         "uses SiLU); export --format hf instead")
+    if config.qk_norm:
+        raise ValueError("qk_norm has no GGUF llama form (llama.cpp's llama has no QK-norm)")
+
+
 def to_gguf_tensors(model: GPT) -> dict[str, torch.Tensor]:
     """Every weight of ``model`` under llama.cpp's name, in llama.cpp's layout (q/k rows
     permuted, see the module docstring), in file order. A tied output head is left out:
-    llama.cpp then uses the token embedding for it, as transformers' GGUF loader does."""
+    llama.cpp then uses the token embedding for it, as transformers' GGUF loader does.
+    ValueError for a model llama.cpp's llama cannot compute (:func:`check_gguf_representable`)."""
     config = model.config
+    check_gguf_representable(config)
     sd = model.state_dict()
     out: dict[str, torch.Tensor] = {}
     for ours, theirs in name_pairs(config):

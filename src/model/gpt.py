@@ -32,6 +32,13 @@ import torch.nn.functional as F
 # ----------------------------------------------------------------------------------------------
 # 1. Configuration
 
+# The MLP's gate activations, by the names transformers' ACT2FN gives them. ReLU squared
+# (So et al. 2021, "Primer") is sparse and cheap and helps small models in some reports.
+MLP_ACTIVATIONS = {
+    "silu": F.silu,
+    "relu2": lambda x: F.relu(x).square(),
+}
+
 
 @dataclass
 class GPTConfig:
@@ -55,6 +62,8 @@ class GPTConfig:
     norm_eps: float = 1e-5
     rope_base: float = 10000.0
     tie_embeddings: bool = True  # the output head reuses the token embedding matrix
+    mlp_act: str = "silu"  # the MLP's gate: "silu" (SwiGLU, Llama's) or "relu2" (ReLU squared)
+    qk_norm: bool = False  # RMSNorm on each query/key head before RoPE (not in Llama: no export)
 
     def __post_init__(self) -> None:
         if self.n_kv_head is None:
@@ -81,9 +90,12 @@ class GPTConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
                 raise ValueError(f"GPTConfig.{name} must be a positive number, got {value!r}")
-        if not isinstance(self.tie_embeddings, bool):
-            raise ValueError(f"GPTConfig.tie_embeddings must be a bool, got "
-                             f"{self.tie_embeddings!r}")
+        for name in ("tie_embeddings", "qk_norm"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"GPTConfig.{name} must be a bool, got {getattr(self, name)!r}")
+        if self.mlp_act not in MLP_ACTIVATIONS:
+            raise ValueError(f"GPTConfig.mlp_act must be one of {sorted(MLP_ACTIVATIONS)}, got "
+                             f"{self.mlp_act!r}")
 
     @property
     def head_dim(self) -> int:
@@ -232,6 +244,12 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(config.d_model, config.n_kv_head * self.head_dim, bias=False)
         self.v_proj = nn.Linear(config.d_model, config.n_kv_head * self.head_dim, bias=False)
         self.o_proj = nn.Linear(config.n_head * self.head_dim, config.d_model, bias=False)
+        # QK-norm: normalising each head's query and key bounds the attention logits, which
+        # keeps softmax from saturating at high learning rates (Dehghani et al. 2023).
+        if config.qk_norm:
+            self.q_norm = nn.RMSNorm(self.head_dim, eps=config.norm_eps)
+            self.k_norm = nn.RMSNorm(self.head_dim, eps=config.norm_eps)
+        self.qk_norm = config.qk_norm
         self.dropout = config.dropout
         # A list only inside ``record_attention``: then attention is computed explicitly and
         # its weights appended here. None otherwise, and the fused kernel runs.
@@ -241,8 +259,11 @@ class Attention(nn.Module):
                 cache: KVCache | SlotKVCache | None) -> torch.Tensor:
         B, T, _ = x.shape
         # (B, T, heads * head_dim) -> (B, heads, T, head_dim): attention runs per head.
-        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim)
+        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
         v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
         cos, sin = cos.to(q.dtype), sin.to(q.dtype)  # keep bf16 under autocast
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
@@ -317,17 +338,19 @@ def record_attention(model: GPT) -> Iterator[list[torch.Tensor]]:
 
 
 class MLP(nn.Module):
-    """SwiGLU feed-forward: down(silu(gate(x)) * up(x)). The gate decides, per hidden unit, how
-    much of up(x) passes; this works better than a plain ReLU/GELU MLP (Shazeer 2020)."""
+    """Gated feed-forward: down(act(gate(x)) * up(x)), SwiGLU with the default act = silu. The
+    gate decides, per hidden unit, how much of up(x) passes; this works better than a plain
+    ReLU/GELU MLP (Shazeer 2020)."""
 
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
         self.gate_proj = nn.Linear(config.d_model, config.d_ff, bias=False)
         self.up_proj = nn.Linear(config.d_model, config.d_ff, bias=False)
         self.down_proj = nn.Linear(config.d_ff, config.d_model, bias=False)
+        self.act = MLP_ACTIVATIONS[config.mlp_act]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
 
 
 class Block(nn.Module):
@@ -385,7 +408,7 @@ class GPT(nn.Module):
         * the two projections that write into the residual stream (attention o_proj, MLP
           down_proj): normal(0, 0.02 / sqrt(2 * n_layer)), because 2 * n_layer branches are
           summed into the stream and their variance must not grow with depth (GPT-2 paper);
-        * RMSNorm gains: 1.
+        * RMSNorm gains (QK-norm's too): 1.
         With this, logits of a fresh model are small, and its loss is close to ln(vocab_size).
         """
         std = 0.02

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from src.model.gpt import GPT, GPTConfig
+from src.model.gpt import GPT, MLP_ACTIVATIONS, GPTConfig
 
 if TYPE_CHECKING:  # only for type hints; transformers is an optional dependency
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -34,7 +34,7 @@ def to_hf_config(config: GPTConfig) -> LlamaConfig:
         rms_norm_eps=config.norm_eps,
         rope_theta=config.rope_base,
         tie_word_embeddings=config.tie_embeddings,
-        hidden_act="silu",
+        hidden_act=config.mlp_act,
         attention_bias=False,
         mlp_bias=False,
         attention_dropout=config.dropout,
@@ -50,8 +50,9 @@ def from_hf_config(hf_config: LlamaConfig) -> GPTConfig:
         raise ValueError(f"rope_type {rope_type!r} is not supported (only 'default')")
     if getattr(hf_config, "attention_bias", False) or getattr(hf_config, "mlp_bias", False):
         raise ValueError("Llama models with biases are not supported")
-    if hf_config.hidden_act != "silu":
-        raise ValueError(f"hidden_act {hf_config.hidden_act!r} is not supported (only 'silu')")
+    if hf_config.hidden_act not in MLP_ACTIVATIONS:
+        raise ValueError(f"hidden_act {hf_config.hidden_act!r} is not supported (only "
+                         f"{', '.join(sorted(MLP_ACTIVATIONS))})")
     head_dim = getattr(hf_config, "head_dim", None)
     if head_dim is not None and head_dim * hf_config.num_attention_heads != hf_config.hidden_size:
         raise ValueError(f"head_dim {head_dim} x {hf_config.num_attention_heads} heads != "
@@ -68,6 +69,7 @@ def from_hf_config(hf_config: LlamaConfig) -> GPTConfig:
         norm_eps=float(hf_config.rms_norm_eps),
         rope_base=float(theta),
         tie_embeddings=bool(hf_config.tie_word_embeddings),
+        mlp_act=hf_config.hidden_act,
     )
 
 

@@ -54,6 +54,9 @@ class TrainConfig:
     d_model: int | None = None
     d_ff: int | None = None
     dropout: float | None = None
+    tie_embeddings: bool | None = None
+    mlp_act: str | None = None
+    qk_norm: bool | None = None
     # --- batch -------------------------------------------------------------------------
     batch_size: int = 16  # sequences per micro-batch, per process
     tokens_per_step: int = 4096  # global tokens per optimiser step (gradient accumulation)
@@ -95,15 +98,20 @@ class TrainConfig:
 
     def model_overrides(self) -> dict[str, Any]:
         """The model-shape fields set in this config, as overrides of the preset's model_config."""
-        keys = ("context_length", "n_layer", "n_head", "n_kv_head", "d_model", "d_ff", "dropout")
+        keys = MODEL_FIELDS
         return {k: getattr(self, k) for k in keys if getattr(self, k) is not None}
 
+
+# The TrainConfig fields that override the model preset's GPTConfig (None: the preset's value).
+MODEL_FIELDS = ("context_length", "n_layer", "n_head", "n_kv_head", "d_model", "d_ff", "dropout",
+                "tie_embeddings", "mlp_act", "qk_norm")
 
 CHOICES: dict[str, tuple[str, ...]] = {
     "preset": tuple(PRESETS),
     "optimizer": ("adamw", "muon"),
     "schedule": ("cosine", "wsd", "constant"),
     "dtype": ("auto", "bf16", "fp16", "fp32"),
+    "mlp_act": ("silu", "relu2"),
 }
 
 HELP: dict[str, str] = {
@@ -122,6 +130,9 @@ HELP: dict[str, str] = {
     "d_model": "width of the residual stream (default: the preset's)",
     "d_ff": "hidden width of each MLP (default: the preset's)",
     "dropout": "dropout probability in training (default: the preset's)",
+    "tie_embeddings": "the output layer reuses the token embedding matrix (default: the preset's)",
+    "mlp_act": "MLP gate activation: silu (SwiGLU) or relu2 (ReLU squared; no GGUF export)",
+    "qk_norm": "RMSNorm on queries and keys (not in Llama: the export refuses it)",
     "tokens_per_step": "global tokens per optimiser step (gradient accumulation reaches it)",
     "batch_size": "sequences per micro-batch, per process",
     "optimizer": "adamw, or muon for hidden matrices (AdamW for embeddings/norms)",
@@ -298,7 +309,8 @@ def validate(cfg: TrainConfig) -> None:
             raise UserError(message)
 
     for name, options in CHOICES.items():
-        need(getattr(cfg, name) in options, f"{name} must be one of {', '.join(options)}, got {getattr(cfg, name)!r}")
+        value = getattr(cfg, name)  # None: a model field left to the preset
+        need(value is None or value in options, f"{name} must be one of {', '.join(options)}, got {value!r}")
     for name in ("max_steps", "batch_size", "tokens_per_step", "eval_interval", "eval_batch_size", "keep_last"):
         need(getattr(cfg, name) >= 1, f"{name} must be at least 1, got {getattr(cfg, name)}")
     for name in ("context_length", "n_layer", "n_head", "n_kv_head", "d_model", "d_ff", "eval_stride", "checkpoint_interval"):

@@ -273,7 +273,7 @@ def _finetune(stage: FinetuneConfig, explicit: dict[str, Any], device: torch.dev
     raw_model = GPT(model_cfg)
     raw_model.load_state_dict(reader.read_weights(base_ckpt), strict=True)
     raw_model.to(device)
-    model, optimizers = prepare_model(raw_model, cfg, dist_info, device, log)
+    model, compiled, optimizers = prepare_model(raw_model, cfg, dist_info, device, log)
     resume_state = None
     if resume_from is not None:
         resume_state = ckpt_io.load_checkpoint(resume_from, raw_model, optimizers)
@@ -293,7 +293,8 @@ def _finetune(stage: FinetuneConfig, explicit: dict[str, Any], device: torch.dev
         log(f"base model: val loss {base_val:.4f}, ppl {math.exp(base_val):.2f} "
             "(assistant turns of the validation conversations)")
     loop = TrainLoop(
-        cfg, model=model, raw_model=raw_model, optimizers=optimizers, batches=batches,
+        cfg, model=model, compiled=compiled, raw_model=raw_model, optimizers=optimizers,
+        batches=batches,
         evaluate=evaluate, eval_tokens=val_tokens, device=device, amp_dtype=amp_dtype,
         dist=dist_info,
         resume_state=resume_state,

@@ -45,6 +45,7 @@ import torch
 from src import checkpoint as reader
 from src.training import checkpoint as ckpt_io
 from src.training.batches import BatchSource, scored_targets
+from src.training.compile_choice import CompileChoice, machine_key
 from src.training.config import TrainConfig
 from src.training.distributed import (
     DistInfo,
@@ -125,8 +126,9 @@ class TrainLoop:
     """Trains ``model`` on ``batches`` as ``cfg`` says (schedule, clipping, evaluation and
     checkpoint intervals, time budget, stop_at_step), in the run folder ``cfg.run_dir``.
 
-    ``model`` is what the forward pass runs (DDP-wrapped and/or compiled); ``raw_model`` the
-    module underneath, which is clipped, evaluated and saved. ``model(x, y)`` returns
+    ``model`` is what the forward pass runs (DDP-wrapped or not); ``compiled``, if given, the
+    same under torch.compile, used once measured faster (src/training/compile_choice.py);
+    ``raw_model`` the module underneath, which is clipped, evaluated and saved. ``model(x, y)`` returns
     ``(logits, mean loss)``. ``evaluate()`` returns at least ``val_loss`` (more keys are
     logged too); ``eval_tokens`` is how many tokens it scores (the time budget's estimate of
     its cost). ``checkpoint_facts`` go into every checkpoint's state.json as they are.
@@ -143,6 +145,7 @@ class TrainLoop:
         *,
         model: torch.nn.Module,
         raw_model: torch.nn.Module,
+        compiled: torch.nn.Module | None = None,
         optimizers: list[torch.optim.Optimizer],
         batches: BatchSource,
         evaluate: Callable[[], dict[str, float]],
@@ -155,7 +158,7 @@ class TrainLoop:
         loss_hook: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
     ) -> None:
         self.cfg, self.run_dir = cfg, Path(cfg.run_dir)
-        self.model, self.raw_model, self.optimizers = model, raw_model, optimizers
+        self.raw_model, self.optimizers = raw_model, optimizers
         self.batches, self.evaluate = batches, evaluate
         self.device, self.amp_dtype, self.dist = device, amp_dtype, dist or DistInfo()
         self.checkpoint_facts = checkpoint_facts or {}
@@ -165,7 +168,7 @@ class TrainLoop:
         self.comm_device = device if device.type == "cuda" else torch.device("cpu")  # NCCL: CUDA
         self.tokens_per_step = batches.tokens_per_step
         self.flops_per_token = raw_model.flops_per_token()
-        self.peak_flops = peak_flops(device, cfg.peak_tflops)
+        self.peak_flops = peak_flops(device, cfg.peak_tflops, amp_dtype)
 
         # Progress, continued from the checkpoint when resuming.
         state = resume_state or {}
@@ -178,6 +181,10 @@ class TrainLoop:
         self.evals_since_best = state.get("evals_since_best", 0)
         if "loader" in state:
             batches.load_state_dict(state["loader"])
+        micro_batch = f"{cfg.batch_size}x{raw_model.config.context_length}"
+        self.compile_choice = CompileChoice(
+            model, compiled, machine_key(device, amp_dtype, raw_model.config.to_dict(), micro_batch),
+            steps_left=self._steps_left)
         self.budget = TimeBudget(
             cfg.time_budget, max_steps=cfg.max_steps, warmup_steps=cfg.warmup_steps,
             eval_interval=cfg.eval_interval, eval_tokens=eval_tokens,
@@ -188,6 +195,12 @@ class TrainLoop:
         self.last_saved = self.step if self.resumed else -1
         self.failed_saves = 0  # checkpoint writes failed in a row (see save)
         self.t_start = time.time()  # again when run() starts
+
+    def _steps_left(self, seconds_per_step: float) -> float:
+        """Steps this invocation will still run: those the time budget leaves, else the plan's."""
+        if self.budget.minutes:
+            return max(self.budget.minutes * 60 - self.train_seconds(), 0.0) / seconds_per_step
+        return float(self.max_steps - self.step)
 
     @property
     def max_steps(self) -> int:
@@ -225,9 +238,15 @@ class TrainLoop:
                 self.step += 1
                 self.tokens_seen += self.tokens_per_step
                 self.last_loss = loss
-                self._log_step(log, loss, grad_norm, lr, seconds=time.time() - t0)
+                seconds = time.time() - t0
+                self._log_step(log, loss, grad_norm, lr, seconds=seconds)
+                note = self.compile_choice.after_step(seconds)
+                if note:
+                    log.message(note)
 
-                note = self.budget.after_step(self.step, self.start_step + 1, self.train_seconds())
+                # The time budget calibrates on steps after the compile measurement.
+                first_timed = self.start_step + self.compile_choice.steps_measured
+                note = self.budget.after_step(self.step, first_timed, self.train_seconds())
                 if note:
                     log.bar.total = self.max_steps
                     log.message(note)
@@ -283,8 +302,9 @@ class TrainLoop:
                 log.micro_batch(self.step, i / n)
             x, y = (t.to(self.device, non_blocking=True) for t in scored_targets(batch))
             # Gradients are all-reduced across processes once per step, on the last micro-batch.
-            with no_grad_sync(self.model, active=i < n - 1), self._autocast():
-                _, loss = self.model(x, y)
+            model = self.compile_choice.module()
+            with no_grad_sync(model, active=i < n - 1), self._autocast():
+                _, loss = model(x, y)
             # The step's loss is the mean over its micro-batches (each the mean over its scored
             # targets), so equal-sized batches weigh as one big batch would.
             scaled = loss / n

@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from src.utils.atomic import atomic_path, write_text_atomic
 from src.utils.cli import UserError
+from src.utils.device import matmul_flops
 from src.utils.integrity import file_problem
 
 # Dense bf16 peak (FLOP/s) of common accelerators, for MFU. Matched on the device name.
@@ -39,10 +40,15 @@ PEAK_BF16_FLOPS = {
 }
 
 
-def peak_flops(device: torch.device, override_tflops: float | None = None) -> float | None:
-    """The device's peak FLOP/s for MFU, or None when unknown (CPUs, unlisted GPUs)."""
+def peak_flops(device: torch.device, override_tflops: float | None = None,
+               dtype: torch.dtype | None = None) -> float | None:
+    """The device's peak FLOP/s for MFU, or None when unknown (unlisted GPUs, MPS). A GPU's is
+    its bf16 spec; a CPU's is measured: a large matrix multiply in the training precision
+    ``dtype`` (None: fp32), as no spec says what a given CPU's cores deliver."""
     if override_tflops:
         return override_tflops * 1e12
+    if device.type == "cpu":
+        return matmul_flops(dtype or torch.float32)
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
         for key, value in PEAK_BF16_FLOPS.items():

@@ -3,10 +3,12 @@
 * AdamW (fused kernel where the device supports it), with weight decay on matrices only:
   decaying norm gains or biases pulls them towards 0, which only hurts; decaying the embedding
   is the usual practice (GPT-2, nanoGPT, Llama) and a tied embedding is one matrix anyway.
-* Muon (``torch.optim.Muon``) as an option: it orthogonalises the momentum of each 2-D hidden
+* Muon (:class:`Muon`, ours) as an option: it orthogonalises the momentum of each 2-D hidden
   matrix (attention and MLP weights) with a Newton-Schulz iteration. It is defined for hidden
-  matrices only, so the embedding / output head and the norm gains stay on AdamW. With
-  ``adjust_lr_fn="match_rms_adamw"`` its update has AdamW's RMS, so both share one ``lr``.
+  matrices only, so the embedding / output head and the norm gains stay on AdamW. Its update
+  is scaled to AdamW's RMS, so both share one ``lr``. The iteration runs in the precision the
+  machine multiplies matrices in natively: ``torch.optim.Muon`` always uses bf16, which an
+  AVX2-only CPU emulates, and that made each step 2.7x as slow there (docs/experiments.md).
 * The schedule is a pure function of the step, so resuming needs no scheduler object: the
   step (saved in the checkpoint) is all its state.
 """
@@ -18,6 +20,79 @@ import math
 import torch
 
 from src.training.config import TrainConfig
+from src.utils.device import pick_dtype
+
+# Newton-Schulz quintic coefficients (Keller Jordan's Muon, also torch.optim.Muon's defaults):
+# chosen to maximise the slope at zero, so 5 steps bring every singular value into ~[0.7, 1.2].
+NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
+NS_STEPS = 5
+
+
+def orthogonalize(g: torch.Tensor, dtype: torch.dtype = torch.float32,
+                  steps: int = NS_STEPS) -> torch.Tensor:
+    """U V^T of the matrix g = U S V^T, approximately (singular values land near 1, not on it),
+    by the Newton-Schulz iteration X <- aX + b(XX^T)X + c(XX^T)^2 X computed in ``dtype``.
+    Returns a tensor of g's shape in ``dtype``."""
+    a, b, c = NS_COEFFICIENTS
+    x = g.to(dtype)
+    tall = x.size(0) > x.size(1)
+    if tall:  # iterate on the wide orientation: the Gram matrix XX^T is then the smaller one
+        x = x.T
+    x = x / x.norm().clamp(min=1e-7)  # Frobenius norm >= spectral norm: singular values <= 1
+    for _ in range(steps):
+        gram = x @ x.T
+        x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+    return x.T if tall else x
+
+
+class Muon(torch.optim.Optimizer):
+    """Momentum, orthogonalised (Jordan et al. 2024), for 2-D hidden matrices only.
+
+    Per matrix W (A x B) and step: ``buf = momentum * buf + (1 - momentum) * grad``; the
+    direction is ``grad.lerp(buf, momentum)`` (Nesterov) or ``buf``, orthogonalised by
+    :func:`orthogonalize` in ``ns_dtype``; then decoupled weight decay and
+    ``W -= lr * 0.2 * sqrt(max(A, B)) * direction``: the factor gives the update the RMS of a
+    typical AdamW update, so one ``lr`` serves both optimisers. Same rule and state names as
+    ``torch.optim.Muon(adjust_lr_fn="match_rms_adamw")``, which is this with ns_dtype=bf16.
+    """
+
+    def __init__(self, params, lr: float, weight_decay: float = 0.0, momentum: float = 0.95,
+                 nesterov: bool = True, ns_dtype: torch.dtype = torch.float32) -> None:
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum,
+                                      nesterov=nesterov))
+        self.ns_dtype = ns_dtype
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.ndim != 2:
+                    raise ValueError(f"Muon takes 2-D matrices only, got shape {tuple(p.shape)}")
+
+    @torch.no_grad()
+    def step(self, closure=None):  # noqa: D102 - torch.optim.Optimizer's contract
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            lr, momentum = group["lr"], group["momentum"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                buf = state["momentum_buffer"]
+                buf.lerp_(p.grad, 1 - momentum)
+                direction = p.grad.lerp(buf, momentum) if group["nesterov"] else buf
+                update = orthogonalize(direction, self.ns_dtype)
+                p.mul_(1 - lr * group["weight_decay"])
+                p.add_(update.to(p.dtype), alpha=-lr * 0.2 * math.sqrt(max(p.shape)))
+        return loss
+
+
+def native_matmul_dtype(device: torch.device) -> torch.dtype:
+    """bf16 where the device multiplies bf16 matrices natively (a GPU with bf16, a CPU with
+    AVX-512 BF16 / AMX), else fp32: the precision Muon's iteration runs in."""
+    return torch.bfloat16 if pick_dtype("auto", device) == torch.bfloat16 else torch.float32
 
 
 def _fused_ok(params: list[torch.nn.Parameter]) -> bool:
@@ -48,10 +123,9 @@ def build_optimizers(model: torch.nn.Module, cfg: TrainConfig) -> list[torch.opt
     if _fused_ok(all_adam):
         adam_kw["fused"] = True
     if cfg.optimizer == "muon":
-        muon = torch.optim.Muon(
-            hidden, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=0.95, nesterov=True,
-            adjust_lr_fn="match_rms_adamw",
-        )
+        ns_dtype = native_matmul_dtype(hidden[0].device) if hidden else torch.float32
+        muon = Muon(hidden, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=0.95,
+                    nesterov=True, ns_dtype=ns_dtype)
         adamw = torch.optim.AdamW(
             [{"params": embed, "weight_decay": cfg.weight_decay},
              {"params": other, "weight_decay": 0.0}], **adam_kw,

@@ -22,10 +22,8 @@ The progress bar's ETA, from the measured speed, takes over once the run is unde
 
 from __future__ import annotations
 
-import functools
 import json
 import os
-import time
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -35,6 +33,7 @@ from src.training.batches import windows_per_epoch
 from src.training.config import TrainConfig
 from src.training.observe import peak_flops
 from src.training.time_budget import BUDGET_RESERVE
+from src.utils.device import matmul_flops
 
 # Model FLOPs utilisation assumed for a compiled bf16 run on a GPU (nanoGPT-class trainers
 # reach 40-50% on A100/H100 at this size); replace with bench/gpu.py's measurement.
@@ -64,33 +63,18 @@ def flops_per_token(c: GPTConfig) -> float:
     return 6.0 * n_matmul + 12.0 * c.n_layer * c.d_model * c.context_length
 
 
-@functools.lru_cache(maxsize=1)  # once per process: the machine does not change
-def cpu_matmul_flops(seconds: float = 0.3, size: int = 1024) -> float:
-    """fp32 matrix-multiply FLOP/s of this CPU, measured for about ``seconds``."""
-    # Its own generator: drawing from the global one would shift a seeded run's dropout masks
-    # (and only in the first run of a process, because of the cache).
-    gen = torch.Generator().manual_seed(0)
-    a, b = torch.randn(size, size, generator=gen), torch.randn(size, size, generator=gen)
-    torch.mm(a, b)  # warm-up: thread pool, caches
-    n, start = 0, time.perf_counter()
-    while (elapsed := time.perf_counter() - start) < seconds:
-        torch.mm(a, b)
-        n += 1
-    return 2.0 * size**3 * n / elapsed
-
-
 def device_rate(device: torch.device, peak_tflops: float | None) -> tuple[float | None, str]:
     """(expected training FLOP/s, how that figure was obtained) for ``device``."""
+    if device.type == "cpu" and not peak_tflops:
+        rate = matmul_flops()
+        return rate * CPU_STEP_EFFICIENCY, (f"FLOP-based: this CPU's measured fp32 matmul rate "
+                                            f"{rate / 1e9:.0f} GFLOP/s x {CPU_STEP_EFFICIENCY:.0%}")
     peak = peak_flops(device, peak_tflops)
     if peak is not None:
         name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
         source = "--peak-tflops" if peak_tflops else f"{name} bf16 peak"
         return peak * ASSUMED_GPU_MFU, (f"FLOP-based: {source} {peak / 1e12:g} TFLOP/s x assumed "
                                         f"{ASSUMED_GPU_MFU:.0%} MFU")
-    if device.type == "cpu":
-        rate = cpu_matmul_flops()
-        return rate * CPU_STEP_EFFICIENCY, (f"FLOP-based: this CPU's measured fp32 matmul rate "
-                                            f"{rate / 1e9:.0f} GFLOP/s x {CPU_STEP_EFFICIENCY:.0%}")
     return None, f"unknown: no peak FLOP/s known for {device}; pass --peak-tflops"
 
 

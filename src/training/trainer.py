@@ -39,7 +39,7 @@ from src.model.gpt import GPT
 from src.tokenizer.bpe import BPETokenizer
 from src.training import checkpoint as ckpt_io
 from src.training.batches import BatchLoader, open_tokens, prepare_hint, read_meta, verify_data
-from src.training.config import TrainConfig, make_config
+from src.training.config import MODEL_FIELDS, TrainConfig, make_config
 from src.training.distributed import (
     DistInfo,
     broadcast_str,
@@ -54,7 +54,14 @@ from src.training.plan import make_plan
 from src.training.presets import model_config
 from src.utils.atomic import write_json_atomic
 from src.utils.cli import UserError
-from src.utils.device import cpu_has_fast_bf16, make_generator, pick_device, pick_dtype
+from src.utils.device import (
+    cpu_description,
+    cpu_has_fast_bf16,
+    cpu_threads,
+    make_generator,
+    pick_device,
+    pick_dtype,
+)
 from src.utils.integrity import file_problem
 
 
@@ -79,7 +86,7 @@ def resolve_for_resume(cfg: TrainConfig, explicit: dict[str, Any]) -> TrainConfi
     base = saved_config(run_dir)
     if base is None:
         return make_config({**cfg.to_dict(), "run_dir": str(run_dir)})
-    shape = ("preset", "context_length", "n_layer", "n_head", "n_kv_head", "d_model", "d_ff", "optimizer")
+    shape = ("preset", *(f for f in MODEL_FIELDS if f != "dropout"), "optimizer")  # dropout may change
     for key in shape:
         if key in explicit and explicit[key] != base.get(key):
             raise UserError(f"--{key.replace('_', '-')} {explicit[key]} differs from the run being "
@@ -189,7 +196,7 @@ def _train(cfg: TrainConfig, device: torch.device, dist_info: DistInfo, loss_hoo
     T = model_cfg.context_length
     # After init, each rank draws its own dropout masks.
     torch.manual_seed(cfg.seed + dist_info.rank)
-    model, optimizers = prepare_model(raw_model, cfg, dist_info, device, log)
+    model, compiled, optimizers = prepare_model(raw_model, cfg, dist_info, device, log)
 
     world_tokens = cfg.batch_size * T * dist_info.world_size
     grad_accum = max(1, round(cfg.tokens_per_step / world_tokens))
@@ -220,7 +227,8 @@ def _train(cfg: TrainConfig, device: torch.device, dist_info: DistInfo, loss_hoo
 
     # ---- 6. the loop -------------------------------------------------------------------------
     loop = TrainLoop(
-        cfg, model=model, raw_model=raw_model, optimizers=optimizers, batches=batches,
+        cfg, model=model, compiled=compiled, raw_model=raw_model, optimizers=optimizers,
+        batches=batches,
         evaluate=validation(raw_model, eval_tokens, tokenizer, cfg, device, amp_dtype),
         eval_tokens=len(eval_tokens), device=device, amp_dtype=amp_dtype, dist=dist_info,
         resume_state=resume_state, loss_hook=loss_hook,
@@ -261,11 +269,24 @@ def _train(cfg: TrainConfig, device: torch.device, dist_info: DistInfo, loss_hoo
 
 def setup_precision(cfg: TrainConfig, device: torch.device,
                     log: Callable[..., None]) -> torch.dtype | None:
-    """The autocast dtype of ``cfg.dtype`` on ``device`` (None: fp32), with a warning where bf16
-    would be emulated; TF32 matmuls on CUDA."""
+    """The autocast dtype of ``cfg.dtype`` on ``device`` (None: fp32), decided at run time and
+    said in one line; TF32 matmuls on CUDA. On a CPU also the thread count: at most one per
+    physical core, shared among the processes torchrun starts on this machine
+    (``cpu_threads``), and the CPU named by its flags, since bf16 is fast only where they
+    include native bf16."""
+    if device.type == "cpu":  # never more threads than the caller set (tests use one)
+        local_processes = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+        torch.set_num_threads(min(torch.get_num_threads(), max(1, cpu_threads() // local_processes)))
     amp_dtype = pick_dtype(cfg.dtype, device)
-    if amp_dtype == torch.bfloat16 and device.type == "cpu" and not cpu_has_fast_bf16():
-        log("warning: this CPU has no native bf16 matmuls; --dtype bf16 will be far slower than fp32")
+    name = {torch.bfloat16: "bf16 autocast", torch.float16: "fp16 autocast"}.get(amp_dtype, "fp32")
+    if device.type == "cpu":
+        native = cpu_has_fast_bf16()
+        why = ("--dtype auto: " + ("bf16 matmuls are native here" if native else
+                                   "bf16 would be emulated here") if cfg.dtype == "auto"
+               else f"--dtype {cfg.dtype}")
+        log(f"precision: {name} ({why}); CPU: {cpu_description()}")
+        if amp_dtype == torch.bfloat16 and not native:
+            log("warning: this CPU has no native bf16 matmuls; --dtype bf16 will be far slower than fp32")
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -274,16 +295,18 @@ def setup_precision(cfg: TrainConfig, device: torch.device,
 
 def prepare_model(raw_model: torch.nn.Module, cfg: TrainConfig, dist_info: DistInfo,
                   device: torch.device, log: Callable[..., None]
-                  ) -> tuple[torch.nn.Module, list[torch.optim.Optimizer]]:
-    """``(model the forward pass runs, optimisers)``: ``raw_model`` wrapped for DDP / FSDP2
-    under torchrun and compiled when ``cfg.compile`` (and a C++ compiler is at hand)."""
+                  ) -> tuple[torch.nn.Module, torch.nn.Module | None, list[torch.optim.Optimizer]]:
+    """``(model, compiled, optimisers)``: ``raw_model`` wrapped for DDP / FSDP2 under torchrun,
+    and the same under torch.compile when ``cfg.compile`` and a C++ compiler is at hand (else
+    None). Compiling is lazy: the loop measures whether it pays (src/training/compile_choice.py)."""
     model = wrap_model(raw_model, dist_info, device, fsdp=cfg.fsdp)
     optimizers = build_optimizers(raw_model, cfg)
+    compiled = None
     if cfg.compile and device.type == "cpu" and not shutil.which(os.environ.get("CXX", "g++")):
         log("note: no C++ compiler found (torch.compile needs one on CPU): training uncompiled")
     elif cfg.compile:
-        model = torch.compile(model)
-    return model, optimizers
+        compiled = torch.compile(model)
+    return model, compiled, optimizers
 
 
 def summarize(loop: TrainLoop, end_reason: str, log: Callable[..., None]) -> dict[str, Any]:

@@ -7,6 +7,11 @@ thing everywhere.
 
 from __future__ import annotations
 
+import functools
+import os
+import platform
+import time
+
 import torch
 
 from src.utils.cli import UserError
@@ -40,13 +45,111 @@ def pick_device(name: str) -> torch.device:
     return device
 
 
-def cpu_has_fast_bf16() -> bool:
-    """Whether this CPU runs bf16 matmuls natively (AVX-512 BF16 / AMX). Without it (e.g. an
-    AVX2-only CPU) oneDNN emulates them, measured here at ~100x slower than fp32."""
+# CPU feature flags that mean native bf16 matrix multiplies (Linux names, /proc/cpuinfo).
+BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
+# bf16 must beat fp32 by this factor in the probe to be chosen: native bf16 runs ~2-4x fp32.
+BF16_MIN_SPEEDUP = 1.3
+
+
+def cpuinfo_field(name: str) -> str | None:
+    """The value of the first ``name`` line of /proc/cpuinfo (``flags``, ``model name``,
+    ``siblings``, ...); None where it or the file is missing (macOS, Windows)."""
     try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                key, sep, value = line.partition(":")
+                if sep and key.strip() == name:
+                    return value.strip()
+    except OSError:
+        pass
+    return None
+
+
+@functools.cache
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags (``avx2``, ``avx512_bf16``, ...); empty where unknown."""
+    return frozenset((cpuinfo_field("flags") or "").split())
+
+
+def bf16_matmul_speedup(n: int = 512, repeats: int = 3) -> float:
+    """Measured here and now: seconds of an n x n x n fp32 matmul / seconds of the same in bf16
+    (the best of ``repeats`` each, after one warm-up). Above 1: bf16 is faster."""
+
+    def best(dtype: torch.dtype) -> float:
+        generator = torch.Generator().manual_seed(0)  # never the global RNG: runs stay reproducible
+        a = torch.randn(n, n, generator=generator).to(dtype)
+        b = torch.randn(n, n, generator=generator).to(dtype)
+        a @ b
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            a @ b
+            times.append(time.perf_counter() - start)
+        return min(times)
+
+    return best(torch.float32) / best(torch.bfloat16)
+
+
+@functools.cache
+def cpu_has_fast_bf16() -> bool:
+    """Whether this CPU runs bf16 matmuls natively (AVX-512 BF16 / AMX): its flags must say so
+    and a short probe (:func:`bf16_matmul_speedup`, ~0.1 s) must find bf16 at least
+    BF16_MIN_SPEEDUP x faster than fp32. Without them (e.g. an AVX2-only CPU) oneDNN emulates
+    bf16, measured here at ~100x slower than fp32. Where no flags can be read, oneDNN's own
+    check stands in for them. Decided once per process."""
+    flags = cpu_flags()
+    if flags:
+        if not flags & BF16_FLAGS:
+            return False  # no probe needed: emulated bf16 can only lose
+    else:
+        try:
+            if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+                return False
+        except (AttributeError, RuntimeError):
+            return False
+    return bf16_matmul_speedup() >= BF16_MIN_SPEEDUP
+
+
+@functools.cache  # once per process and dtype: the machine does not change
+def matmul_flops(dtype: torch.dtype = torch.float32, size: int = 1024, seconds: float = 0.3) -> float:
+    """FLOP/s of a size x size x size matrix multiply in ``dtype`` on this CPU, measured for
+    about ``seconds``: the machine's own peak that training speed is compared with."""
+    # Its own generator: drawing from the global one would shift a seeded run's dropout masks
+    # (and only in the first run of a process, because of the cache).
+    generator = torch.Generator().manual_seed(0)
+    a = torch.randn(size, size, generator=generator).to(dtype)
+    b = torch.randn(size, size, generator=generator).to(dtype)
+    torch.mm(a, b)  # warm-up: thread pool, caches
+    n, start = 0, time.perf_counter()
+    while (elapsed := time.perf_counter() - start) < seconds:
+        torch.mm(a, b)
+        n += 1
+    return 2.0 * size**3 * n / elapsed
+
+
+def cpu_description() -> str:
+    """What the precision choice on this CPU rests on, for logs and benchmark tables, e.g.
+    ``AMD EPYC, 2 threads, avx2 fma, no avx512_bf16/amx_bf16``."""
+    name = cpuinfo_field("model name") or platform.processor() or platform.machine()
+    flags = cpu_flags()
+    shown = " ".join(sorted(flags & {"avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile"}))
+    missing = sorted(BF16_FLAGS - flags)
+    flag_text = (shown or "flags unknown") + (f", no {'/'.join(missing)}" if flags and missing else "")
+    return f"{name}, {torch.get_num_threads()} threads, {flag_text}"
+
+
+def cpu_threads() -> int:
+    """Threads for CPU math: one per physical core this process may run on (hyper-threads share
+    a core's vector units, so a second thread per core only contends). ``OMP_NUM_THREADS``,
+    when set, is the user's choice and wins."""
+    if os.environ.get("OMP_NUM_THREADS", "").isdigit() and int(os.environ["OMP_NUM_THREADS"]) > 0:
+        return int(os.environ["OMP_NUM_THREADS"])
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    siblings, cores = cpuinfo_field("siblings"), cpuinfo_field("cpu cores")
+    # "siblings": logical CPUs per package; "cpu cores": physical ones.
+    smt = siblings and cores and siblings.isdigit() and cores.isdigit() and int(cores) > 0
+    per_core = max(1, int(siblings) // int(cores)) if smt else 1
+    return max(1, usable // per_core)
 
 
 def pick_dtype(name: str, device: torch.device) -> torch.dtype | None:
