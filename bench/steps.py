@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 
 from src.model.gpt import GPT, GPTConfig
+from src.training.config import TrainConfig
+from src.training.optim import build_optimizers
 
 IMPLS = ("ours", "hf llama")
 
@@ -26,8 +28,9 @@ def make_step(cfg: GPTConfig, impl: str, *, batch: int, seq: int, device: str = 
     """A function doing one step of ``impl`` ("ours" or "hf llama") with model shape ``cfg`` on
     a fixed random (batch, seq) batch and returning its seconds (synchronised on CUDA), and
     the model. The step is forward + loss + backward; with ``optimizer`` also gradient
-    clipping to norm 1 and an AdamW step (fused for ours; Llama gets torch's default, as the
-    plain loop a newcomer writes would). ``compile_``: torch.compile the model (the first
+    clipping to norm 1 and an optimiser step: for ours, train.py's default optimisers
+    (src/training/optim.build_optimizers: Muon for hidden matrices, fused AdamW for the rest);
+    Llama gets torch's default AdamW, as the plain loop a newcomer writes would. ``compile_``: torch.compile the model (the first
     calls compile: warm up before timing)."""
     torch.manual_seed(0)
     if impl == "ours":
@@ -52,10 +55,12 @@ def make_step(cfg: GPTConfig, impl: str, *, batch: int, seq: int, device: str = 
     else:
         raise ValueError(f"unknown implementation {impl!r}; choose one of {IMPLS}")
 
-    opt = None
-    if optimizer:
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1,
-                                **({"fused": True} if impl == "ours" else {}))
+    optimizers: list[torch.optim.Optimizer] = []
+    if optimizer and impl == "ours":
+        precision = "fp32" if autocast_dtype is None else "auto"
+        optimizers = build_optimizers(model, TrainConfig(lr=1e-4, dtype=precision, device=device))
+    elif optimizer:
+        optimizers = [torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1)]
     model.train()
     ids = torch.randint(0, cfg.vocab_size, (batch, seq + 1), device=device)
     x, y = ids[:, :-1], ids[:, 1:]
@@ -66,9 +71,10 @@ def make_step(cfg: GPTConfig, impl: str, *, batch: int, seq: int, device: str = 
                             enabled=autocast_dtype is not None):
             loss = loss_fn(x, y)
         loss.backward()
-        if opt is not None:
+        if optimizers:
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
+            for opt in optimizers:
+                opt.step()
         model.zero_grad(set_to_none=True)
         if device == "cuda":
             torch.cuda.synchronize()

@@ -4,11 +4,14 @@
     python bench/train.py --presets small --steps 3 --compile
 
 For each preset, the same model shape (vocabulary 16,384) is trained a few steps by:
-  * ours          src/model/gpt.GPT + fused AdamW in the precision train.py picks here (bf16
+  * ours          src/model/gpt.GPT + train.py's default optimisers (Muon for hidden matrices,
+                  fused AdamW for the rest) in the precision train.py picks here (bf16
                   autocast where the CPU has native bf16 matmuls, else fp32)
   * ours+compile  the same under torch.compile (with --compile; compile time not counted)
   * ours bf16     bf16 autocast forced (with --bf16; on a CPU without native bf16 it is emulated
                   and very slow, which is why train.py then picks fp32)
+  * ours fp32     fp32 forced (with --fp32; and compiled with --compile): on a CPU with native
+                  bf16, the path an AVX2-only CPU takes
   * hf llama fp32 transformers' LlamaForCausalLM of the same shape, fp32, eager, torch AdamW,
                   cross-entropy on its logits: the plain loop a newcomer would write
 Each row also gives model FLOP/s (``GPT.flops_per_token`` x tokens/s) as a share of the
@@ -44,7 +47,7 @@ from src.utils.device import cpu_description, matmul_flops
 
 # Per preset: micro-batch and context used here (gpt-60m at a small batch to fit a CPU run).
 SHAPES = {"tiny": (16, 64), "small": (16, 256), "gpt-60m": (2, 512), "gpt-125m": (1, 512)}
-IMPLS = ("ours", "ours+compile", "ours bf16", "hf llama fp32")
+IMPLS = ("ours", "ours+compile", "ours bf16", "ours fp32", "ours fp32+compile", "hf llama fp32")
 
 
 def build(preset: str, impl: str):
@@ -55,9 +58,10 @@ def build(preset: str, impl: str):
     if impl.startswith("ours"):
         from src.utils.device import pick_dtype
 
-        dtype = torch.bfloat16 if impl == "ours bf16" else pick_dtype("auto", torch.device("cpu"))
+        dtype = (torch.bfloat16 if impl == "ours bf16" else None if impl.startswith("ours fp32")
+                 else pick_dtype("auto", torch.device("cpu")))
     step, model = make_step(cfg, "hf llama" if impl.startswith("hf") else "ours", batch=batch,
-                            seq=context, autocast_dtype=dtype, compile_=impl == "ours+compile",
+                            seq=context, autocast_dtype=dtype, compile_=impl.endswith("+compile"),
                             optimizer=True)
     facts = {"preset": preset, "impl": impl, "dtype": "bf16" if dtype == torch.bfloat16 else "fp32",
              "batch": batch, "context": context,
@@ -104,6 +108,7 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--compile", action="store_true", help="also time ours under torch.compile")
     p.add_argument("--bf16", action="store_true", help="also time ours with bf16 autocast forced")
+    p.add_argument("--fp32", action="store_true", help="also time ours in fp32 forced")
     p.add_argument("--worker", nargs=2, metavar=("PRESET", "IMPL"), help=argparse.SUPPRESS)
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "train.json"))
     args = p.parse_args()
@@ -114,15 +119,16 @@ def main() -> None:
     rows = []
     started = time.time()
     for preset in args.presets.split(","):
-        impls = [i for i in IMPLS if not ((i == "ours+compile" and not args.compile)
-                                          or (i == "ours bf16" and not args.bf16))]
+        impls = [i for i in IMPLS if not ((i.endswith("+compile") and not args.compile)
+                                          or (i == "ours bf16" and not args.bf16)
+                                          or (i.startswith("ours fp32") and not args.fp32))]
         steps = max(2, args.steps // 2) if preset.startswith("gpt-") else args.steps
         preset_rows = interleaved(preset, impls, steps, args.warmup)
         for row in preset_rows:
             cmd = [sys.executable, __file__, "--worker", preset, row["impl"]]
             proc = subprocess.run(cmd, capture_output=True, text=True)
             row["peak_rss_mb"] = json.loads(proc.stdout.strip().splitlines()[-1])["peak_rss_mb"] if proc.returncode == 0 else None
-            print(f"  {preset:8s} {row['impl']:14s} {row['tokens_per_s']:>9,.0f} tok/s", file=sys.stderr)
+            print(f"  {preset:8s} {row['impl']:18s} {row['tokens_per_s']:>9,.0f} tok/s", file=sys.stderr)
         rows.extend(preset_rows)
 
     # The machine's own peak in each precision used, measured in this run: the best of a
@@ -137,12 +143,12 @@ def main() -> None:
 
     print(f"\nTraining throughput: {cpu_description()}; torch {torch.__version__}")
     print("matmul peak measured in this run: " + ", ".join(f"{k} {v / 1e9:,.0f} GFLOP/s" for k, v in peaks.items()))
-    print(f"{'preset':8s} {'impl':15s} {'dtype':5s} {'params':>7s} {'batch x ctx':>11s} {'tokens/s':>10s} "
+    print(f"{'preset':8s} {'impl':18s} {'dtype':5s} {'params':>7s} {'batch x ctx':>11s} {'tokens/s':>10s} "
           f"{'vs hf':>6s} {'GFLOP/s':>8s} {'% peak':>7s} {'peak MB':>8s}")
     for r in rows:
         hf = next((h for h in rows if h["preset"] == r["preset"] and h["impl"].startswith("hf")), None)
         ratio = f"{r['tokens_per_s'] / hf['tokens_per_s']:.2f}x" if hf else "-"
-        print(f"{r['preset']:8s} {r['impl']:15s} {r['dtype']:5s} {r['params_m']:>6.1f}M {r['batch']:>4d} x {r['context']:<4d} "
+        print(f"{r['preset']:8s} {r['impl']:18s} {r['dtype']:5s} {r['params_m']:>6.1f}M {r['batch']:>4d} x {r['context']:<4d} "
               f"{r['tokens_per_s']:>10,.0f} {ratio:>6s} {r['gflops']:>8,.1f} {r['pct_of_peak']:>6.1f}% "
               f"{r['peak_rss_mb'] or 0:>8,.0f}")
     print(f"({time.time() - started:.0f} s; shared cores: ratios within this run are what counts)")

@@ -32,27 +32,38 @@ def run(cmd: list[str]) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def single(tmp_path_factory):
-    """The reference: one process, 8 sequences per step (in-process: saves a launch)."""
+def reference(tmp_path_factory):
+    """The reference run of each optimiser: one process, 8 sequences per step (in-process:
+    saves a launch), made on first use."""
     from src.training.config import resolve_config
     from src.training.trainer import train
 
     tmp = tmp_path_factory.mktemp("dist")
     data = make_token_data(tmp / "data")
-    cfg, _ = resolve_config([*COMMON, "--data", str(data), "--run-dir", str(tmp / "single"), "--batch-size", "8"])
-    train(cfg)
-    return data, tmp / "single"
+    runs: dict[str, Path] = {}
+
+    def get(optimizer: str) -> tuple[Path, Path]:
+        if optimizer not in runs:
+            runs[optimizer] = tmp / f"single-{optimizer}"
+            cfg, _ = resolve_config([*COMMON, "--optimizer", optimizer, "--data", str(data),
+                                     "--run-dir", str(runs[optimizer]), "--batch-size", "8"])
+            train(cfg)
+        return data, runs[optimizer]
+    return get
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp2"])
-def test_two_processes_match_one(single, tmp_path, fsdp):
+@pytest.mark.parametrize("fsdp, optimizer", [(False, "adamw"), (True, "adamw"), (True, "muon")],
+                         ids=["ddp", "fsdp2", "fsdp2-muon"])
+def test_two_processes_match_one(reference, tmp_path, fsdp, optimizer):
     # Global batch 8 x 64 = 512 tokens per step in both runs: 1 process x 8 sequences,
-    # or 2 processes x 4 sequences each.
-    data, single = single
+    # or 2 processes x 4 sequences each. Under FSDP2, Muon orthogonalises whole matrices
+    # gathered from their shards, so it too must match one process.
+    data, single = reference(optimizer)
     multi = tmp_path / "multi"
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     flags = ["--fsdp"] if fsdp else []
+    flags += ["--optimizer", optimizer]
     proc = run([*torchrun, "train.py", *COMMON, *flags, "--data", str(data), "--run-dir", str(multi),
                 "--batch-size", "4"])
     assert "2 proc" in proc.stdout

@@ -67,3 +67,19 @@ def test_muon_runs_in_the_native_precision(monkeypatch):
     assert native_matmul_dtype(torch.device("cpu")) is torch.float32
     monkeypatch.setattr(device, "cpu_has_fast_bf16", lambda: True)
     assert native_matmul_dtype(torch.device("cpu")) is torch.bfloat16
+
+
+def test_muon_iterates_in_bf16_only_when_the_run_trains_in_native_bf16(monkeypatch):
+    from src.model.gpt import GPT
+    from src.training.config import TrainConfig
+    from src.training.optim import build_optimizers
+    from src.training.presets import model_config
+    from src.utils import device
+
+    model = GPT(model_config("tiny", vocab_size=64))
+    monkeypatch.setattr(device, "cpu_has_fast_bf16", lambda: True)
+    assert build_optimizers(model, TrainConfig(dtype="auto"))[0].ns_dtype is torch.bfloat16
+    assert build_optimizers(model, TrainConfig(dtype="fp32"))[0].ns_dtype is torch.float32
+    monkeypatch.setattr(device, "cpu_has_fast_bf16", lambda: False)
+    assert build_optimizers(model, TrainConfig(dtype="auto"))[0].ns_dtype is torch.float32
+    assert build_optimizers(model, TrainConfig(dtype="bf16"))[0].ns_dtype is torch.float32

@@ -5,11 +5,13 @@ seconds up front (~25 s there), so whether it pays depends on how many steps fol
 the machine. The loop therefore measures, in the first steps of each invocation:
 
   1. the first step runs eager and untimed (it pays one-off costs: allocator, thread pool);
-  2. the second runs eager, timed: ``eager_s``;
-  3. the third runs compiled: its time is the compilation plus a step;
-  4. the fourth runs compiled, timed: ``compiled_s``; the compilation took the third step's
-     time minus ``compiled_s``.
+  2. the second and third run eager, timed: ``eager_s`` is the faster of the two;
+  4. the fourth runs compiled: its time is the compilation plus a step;
+  5. the fifth and sixth run compiled, timed: ``compiled_s`` is the faster of the two; the
+     compilation took the fourth step's time minus ``compiled_s``.
 
+One step alone is not enough on a shared machine: a single slow sample once made a compiled
+step look 1.5x slower than eager when it was 1.6x faster (docs/experiments.md).
 and then keeps the faster of the two for the rest of the run, saying so in one line. The
 measurement is remembered per machine and model shape (``~/.cache/gpt-model/compile.json``),
 so that a later run whose remaining steps cannot pay the compilation back (a short time budget,
@@ -31,7 +33,10 @@ import torch
 from src.utils.atomic import write_json_atomic
 from src.utils.device import cpu_description
 
-PROBE_STEPS = 4  # steps of an invocation the measurement takes (see the module docstring)
+EAGER_STEPS = (2, 3)  # 1-based steps of an invocation timed eager (see the module docstring)
+COMPILE_STEP = 4  # the step that compiles
+COMPILED_STEPS = (5, 6)  # timed compiled
+PROBE_STEPS = COMPILED_STEPS[-1]  # steps of an invocation the measurement takes
 
 
 def cache_file() -> Path:
@@ -78,7 +83,7 @@ class CompileChoice:
         self.steps_left = steps_left  # (seconds per step) -> steps this invocation still runs
         self.chosen: torch.nn.Module | None = None if compiled is not None else eager
         self.done = 0  # steps of this invocation so far
-        self.eager_s = self.first_compiled_s = None
+        self.eager_s = self.first_compiled_s = self.compiled_s = None
 
     @property
     def probing(self) -> bool:
@@ -93,18 +98,21 @@ class CompileChoice:
     def module(self) -> torch.nn.Module:
         if self.chosen is not None:
             return self.chosen
-        return self.eager if self.done < 2 else self.compiled
+        return self.eager if self.done < COMPILE_STEP - 1 else self.compiled
 
     def after_step(self, seconds: float) -> str | None:
         """Record a step's seconds; returns a line to log when the choice is made."""
         self.done += 1
         if self.chosen is not None:
             return None
-        if self.done == 2:
-            self.eager_s = seconds
+        if self.done in EAGER_STEPS:
+            self.eager_s = seconds if self.eager_s is None else min(self.eager_s, seconds)
+        if self.done == EAGER_STEPS[0]:
             known = read_measurements().get(self.key)
             left = self.steps_left(seconds)
-            if known and left is not None:
+            # Only a measurement where compiling was faster can rule it out for a short run: one
+            # where it was slower may have been disturbed, and measuring again costs one compile.
+            if known and known["compiled_s"] < known["eager_s"] and left is not None:
                 # The machine's load may differ from then: scale by the measured speed-up, not
                 # by the seconds measured then.
                 compiled_s = seconds * known["compiled_s"] / known["eager_s"]
@@ -113,16 +121,21 @@ class CompileChoice:
                     return (f"torch.compile skipped: it took {known['compile_s']:.0f} s here "
                             f"before and would save {max(seconds - compiled_s, 0):.2f} s x "
                             f"~{left:.0f} steps left")
-        elif self.done == 3:
+        elif self.done == COMPILE_STEP:
             self.first_compiled_s = seconds
-        elif self.done == 4:
-            compile_s = max(self.first_compiled_s - seconds, 0.0)
-            self._remember(self.eager_s, seconds, compile_s)
-            faster = seconds < self.eager_s
-            self.chosen = self.compiled if faster else self.eager
-            return (f"torch.compile: compiled in {compile_s:.0f} s; {seconds:.2f} s/step compiled vs "
-                    f"{self.eager_s:.2f} eager -> training {'compiled' if faster else 'eager'}")
+        elif self.done in COMPILED_STEPS:
+            self.compiled_s = seconds if self.compiled_s is None else min(self.compiled_s, seconds)
+            if self.done == COMPILED_STEPS[-1]:
+                return self._choose()
         return None
+
+    def _choose(self) -> str:
+        compile_s = max(self.first_compiled_s - self.compiled_s, 0.0)
+        self._remember(self.eager_s, self.compiled_s, compile_s)
+        faster = self.compiled_s < self.eager_s
+        self.chosen = self.compiled if faster else self.eager
+        return (f"torch.compile: compiled in {compile_s:.0f} s; {self.compiled_s:.2f} s/step "
+                f"compiled vs {self.eager_s:.2f} eager -> training {'compiled' if faster else 'eager'}")
 
     def _remember(self, eager_s: float, compiled_s: float, compile_s: float) -> None:
         measurements = read_measurements()

@@ -61,18 +61,18 @@ class TrainConfig:
     batch_size: int = 16  # sequences per micro-batch, per process
     tokens_per_step: int = 4096  # global tokens per optimiser step (gradient accumulation)
     # --- optimiser and schedule ----------------------------------------------------------
-    optimizer: str = "adamw"  # adamw | muon (Muon for hidden matrices, AdamW for the rest)
-    lr: float = 2e-3  # peak learning rate (AdamW; Muon reuses it via RMS matching)
+    optimizer: str = "muon"  # muon (Muon for hidden matrices, AdamW for the rest) | adamw
+    lr: float = 8e-3  # peak learning rate (AdamW; Muon reuses it via RMS matching)
     min_lr_ratio: float = 0.1  # final lr = lr * min_lr_ratio
     weight_decay: float = 0.1  # applied to matrices only
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0  # max global gradient norm; 0 = off
-    schedule: str = "cosine"  # cosine | wsd (warmup-stable-decay) | constant
+    schedule: str = "wsd"  # wsd (warmup-stable-decay) | cosine | constant
     warmup_steps: int = 20
     decay_fraction: float = 0.2  # wsd: fraction of max_steps spent decaying
     # --- evaluation and checkpoints ----------------------------------------------------
-    eval_interval: int = 50  # steps between validations (and checkpoints)
+    eval_interval: int = 100  # steps between validations (and checkpoints): ~1.5 min of `small`
     eval_tokens: int = 16_384  # validation tokens scored per evaluation; 0 = all of val.bin
     eval_stride: int | None = None  # sliding-window stride; None = context_length
     eval_batch_size: int = 8
@@ -108,7 +108,7 @@ MODEL_FIELDS = ("context_length", "n_layer", "n_head", "n_kv_head", "d_model", "
 
 CHOICES: dict[str, tuple[str, ...]] = {
     "preset": tuple(PRESETS),
-    "optimizer": ("adamw", "muon"),
+    "optimizer": ("muon", "adamw"),
     "schedule": ("cosine", "wsd", "constant"),
     "dtype": ("auto", "bf16", "fp16", "fp32"),
     "mlp_act": ("silu", "relu2"),
@@ -135,7 +135,7 @@ HELP: dict[str, str] = {
     "qk_norm": "RMSNorm on queries and keys (not in Llama: the export refuses it)",
     "tokens_per_step": "global tokens per optimiser step (gradient accumulation reaches it)",
     "batch_size": "sequences per micro-batch, per process",
-    "optimizer": "adamw, or muon for hidden matrices (AdamW for embeddings/norms)",
+    "optimizer": "muon for hidden matrices (AdamW for embeddings/norms), or adamw for all",
     "lr": "peak learning rate, reached after the warm-up (Muon reuses it via RMS matching)",
     "min_lr_ratio": "final learning rate as a fraction of --lr",
     "weight_decay": "AdamW weight decay, applied to matrices only",

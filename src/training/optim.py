@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 
 import torch
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 from src.training.config import TrainConfig
 from src.utils.device import pick_dtype
@@ -83,7 +84,13 @@ class Muon(torch.optim.Optimizer):
                 buf = state["momentum_buffer"]
                 buf.lerp_(p.grad, 1 - momentum)
                 direction = p.grad.lerp(buf, momentum) if group["nesterov"] else buf
-                update = orthogonalize(direction, self.ns_dtype)
+                if isinstance(direction, DTensor):
+                    # FSDP2 shards each matrix by rows, but orthogonalising acts on the whole
+                    # matrix: gather it, iterate (every rank alike), keep this rank's rows.
+                    full = orthogonalize(direction.full_tensor(), self.ns_dtype)
+                    update = distribute_tensor(full, p.device_mesh, p.placements, src_data_rank=None)
+                else:
+                    update = orthogonalize(direction, self.ns_dtype)
                 p.mul_(1 - lr * group["weight_decay"])
                 p.add_(update.to(p.dtype), alpha=-lr * 0.2 * math.sqrt(max(p.shape)))
         return loss
@@ -123,7 +130,11 @@ def build_optimizers(model: torch.nn.Module, cfg: TrainConfig) -> list[torch.opt
     if _fused_ok(all_adam):
         adam_kw["fused"] = True
     if cfg.optimizer == "muon":
-        ns_dtype = native_matmul_dtype(hidden[0].device) if hidden else torch.float32
+        # bf16 only when the run trains in bf16 and the device does it natively: --dtype fp32
+        # means fp32 throughout (and makes runs comparable across machines).
+        device = hidden[0].device if hidden else torch.device("cpu")
+        ns_dtype = (native_matmul_dtype(device) if pick_dtype(cfg.dtype, device) == torch.bfloat16
+                    else torch.float32)
         muon = Muon(hidden, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=0.95,
                     nesterov=True, ns_dtype=ns_dtype)
         adamw = torch.optim.AdamW(

@@ -33,14 +33,14 @@ from src.training.batches import windows_per_epoch
 from src.training.config import TrainConfig
 from src.training.observe import peak_flops
 from src.training.time_budget import BUDGET_RESERVE
-from src.utils.device import matmul_flops
+from src.utils.device import matmul_flops, pick_dtype
 
 # Model FLOPs utilisation assumed for a compiled bf16 run on a GPU (nanoGPT-class trainers
 # reach 40-50% on A100/H100 at this size); replace with bench/gpu.py's measurement.
 ASSUMED_GPU_MFU = 0.40
-# Share of the probe's fp32 matmul rate that a whole training step of `small` reaches on the
-# 2-core AVX2 CPU of the README (attention, norms, the optimiser and Python cost the rest);
-# measured 0.35-0.45 (docs/experiments.md).
+# Share of the probe's matmul rate (in the run's precision) that a whole compiled training
+# step of `small` reaches on 2 cores (attention, norms, the optimiser and Python cost the
+# rest); measured in bench/train.py (docs/experiments.md).
 CPU_STEP_EFFICIENCY = 0.4
 
 
@@ -63,11 +63,14 @@ def flops_per_token(c: GPTConfig) -> float:
     return 6.0 * n_matmul + 12.0 * c.n_layer * c.d_model * c.context_length
 
 
-def device_rate(device: torch.device, peak_tflops: float | None) -> tuple[float | None, str]:
-    """(expected training FLOP/s, how that figure was obtained) for ``device``."""
+def device_rate(device: torch.device, peak_tflops: float | None,
+                dtype: torch.dtype | None = None) -> tuple[float | None, str]:
+    """(expected training FLOP/s, how that figure was obtained) for ``device``, training with
+    autocast ``dtype`` (None: fp32)."""
     if device.type == "cpu" and not peak_tflops:
-        rate = matmul_flops()
-        return rate * CPU_STEP_EFFICIENCY, (f"FLOP-based: this CPU's measured fp32 matmul rate "
+        rate = matmul_flops(dtype or torch.float32)
+        name = "bf16" if dtype == torch.bfloat16 else "fp32"
+        return rate * CPU_STEP_EFFICIENCY, (f"FLOP-based: this CPU's measured {name} matmul rate "
                                             f"{rate / 1e9:.0f} GFLOP/s x {CPU_STEP_EFFICIENCY:.0%}")
     peak = peak_flops(device, peak_tflops)
     if peak is not None:
@@ -143,7 +146,7 @@ def make_plan(cfg: TrainConfig, model_cfg: GPTConfig, train_tokens: int, device:
     grad_accum = max(1, round(cfg.tokens_per_step / world_tokens))
     tokens_per_step = world_tokens * grad_accum
     fpt = flops_per_token(model_cfg)
-    rate, basis = device_rate(device, cfg.peak_tflops)
+    rate, basis = device_rate(device, cfg.peak_tflops, pick_dtype(cfg.dtype, device))
     eval_tokens = cfg.eval_tokens if eval_tokens is None else eval_tokens
     # A forward pass costs a third of a training step over as many tokens (time_budget.py).
     eval_flops_per_step = eval_tokens * fpt / 3 / cfg.eval_interval

@@ -38,13 +38,15 @@ PRESETS: dict[str, Preset] = {
         train=dict(
             max_steps=200, time_budget=None, batch_size=8, tokens_per_step=8 * 64, lr=3e-3,
             warmup_steps=10, eval_interval=50, eval_tokens=4096, context_length=64,
+            optimizer="adamw", schedule="cosine",  # the plain recipe: what the tests exercise
             compile=False,  # compiling costs more time than such short runs take
         ),
     ),
     # The CPU quickstart: ~4.9M parameters (3.1M of them the embedding), planned to fit
-    # QUICKSTART_MINUTES on 2 cores (see TrainConfig.time_budget). At that budget a narrower,
-    # shallower model sees more tokens and wins, and few tokens per step (more, smaller
-    # steps) learn faster; the README has the measurements.
+    # QUICKSTART_MINUTES on 2 cores (see TrainConfig.time_budget). Its training recipe is
+    # TrainConfig's defaults: Muon, warmup-stable-decay, lr 8e-3. At that budget a narrower,
+    # shallower model sees more tokens and wins (width 256 lost on the clock even though its
+    # matrices run the matmul units better); docs/experiments.md has the measurements.
     "small": Preset(model=dict(context_length=256, n_layer=4, n_head=3, d_model=192)),
     # The original project's scale (8 layers x 768) with a 4x longer context: ~62.9M. A GPU.
     # Its recipe is the one measured on an H200 on WikiText-2 + DailyDialog (3.81M tokens with
@@ -59,7 +61,7 @@ PRESETS: dict[str, Preset] = {
         train=dict(
             max_steps=640, time_budget=None, batch_size=32, tokens_per_step=262_144, lr=1e-3,
             warmup_steps=40, eval_interval=32, eval_tokens=0, weight_decay=SMALL_DATA_WEIGHT_DECAY,
-            early_stop_patience=3, max_epochs=45,
+            early_stop_patience=3, max_epochs=45, optimizer="adamw", schedule="cosine",
         ),
     ),
     # GPT-2 small's shape (12 x 768, 12 heads): ~97.5M with our 16k vocabulary. Meant for
@@ -70,7 +72,7 @@ PRESETS: dict[str, Preset] = {
         train=dict(
             max_steps=700, time_budget=None, batch_size=16, tokens_per_step=32_768, lr=6e-4,
             warmup_steps=50, eval_interval=50, eval_tokens=0, weight_decay=SMALL_DATA_WEIGHT_DECAY,
-            early_stop_patience=4, max_epochs=10,
+            early_stop_patience=4, max_epochs=10, optimizer="adamw", schedule="cosine",
         ),
     ),
 }
