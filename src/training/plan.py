@@ -33,7 +33,7 @@ from src.training.batches import windows_per_epoch
 from src.training.config import TrainConfig
 from src.training.observe import peak_flops
 from src.training.time_budget import BUDGET_RESERVE
-from src.utils.device import matmul_flops, pick_dtype
+from src.utils.device import pick_dtype
 
 # Model FLOPs utilisation assumed for a compiled bf16 run on a GPU (nanoGPT-class trainers
 # reach 40-50% on A100/H100 at this size); replace with bench/gpu.py's measurement.
@@ -68,7 +68,7 @@ def device_rate(device: torch.device, peak_tflops: float | None,
     """(expected training FLOP/s, how that figure was obtained) for ``device``, training with
     autocast ``dtype`` (None: fp32)."""
     if device.type == "cpu" and not peak_tflops:
-        rate = matmul_flops(dtype or torch.float32)
+        rate = peak_flops(device, None, dtype)  # the CPU's measured matmul rate (observe.py)
         name = "bf16" if dtype == torch.bfloat16 else "fp32"
         return rate * CPU_STEP_EFFICIENCY, (f"FLOP-based: this CPU's measured {name} matmul rate "
                                             f"{rate / 1e9:.0f} GFLOP/s x {CPU_STEP_EFFICIENCY:.0%}")
